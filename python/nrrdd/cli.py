@@ -1,0 +1,51 @@
+"""The ``nrrdd`` command line: a thin dispatcher over the library's commands.
+
+Each command lives in its own module and exposes ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported only when their command runs, so
+``nrrdd --help`` is instant. A :class:`nrrdd.errors.UsageError` becomes a
+one-line ``nrrdd: error: ...`` and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module, one-line help)
+COMMANDS = {
+    "train-teacher": ("nrrdd.commands.train_teacher", "train a teacher on a real dataset"),
+    "distill": ("nrrdd.commands.distill", "CIDD + NRR: write a distilled dataset"),
+    "relabel": ("nrrdd.commands.relabel", "store DBR / soft / compact labels for a distilled set"),
+    "evaluate": ("nrrdd.commands.evaluate", "train fresh students on a distilled set, report test top-1"),
+    "run": ("nrrdd.commands.run", "the whole pipeline: teacher, distill, relabel, evaluate"),
+    "report": ("nrrdd.commands.report", "collect eval_*.json files into a markdown table"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nrrdd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from nrrdd.errors import UsageError
+
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except UsageError as e:
+        print(f"nrrdd {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""One module per ``nrrdd`` subcommand: argument parsing and orchestration only."""

@@ -1,0 +1,53 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then rename.
+
+A run that is killed mid-write leaves either the old file or the new one, never
+a torn file, so ``--resume`` can trust whatever it finds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json(obj: Any, path: Path) -> None:
+    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), "w")
+
+
+def write_bytes(data: bytes, path: Path) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def append_jsonl(record: dict, path: Path) -> None:
+    """Append one JSON line (appends are line-atomic for the sizes written here)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
