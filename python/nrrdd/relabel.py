@@ -1,0 +1,162 @@
+"""Relabeling: run the teacher once over every replayed student batch and store its labels.
+
+For each epoch e < epochs and batch b, the mixed view x_mix of (seed, e, b)
+(``nrrdd.augment.replay_batch``) goes through the teacher in eval mode; the mode's
+reduction of the logits (``nrrdd.labels.teacher_targets``: for DBR the two
+distances of Eq. 8) is scattered into row ``i`` of an epoch array for each image i
+of the batch, and the epoch is written as one shard (atomically). ``resume``
+continues after the last complete shard; the manifest states the settings and
+bytes (``nrrdd.labels``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+import nrrdd
+from nrrdd import labels as L
+from nrrdd.augment import AugmentConfig, num_batches, replay_epoch
+from nrrdd.distilled_set import DistilledSet, load_distilled
+from nrrdd.errors import UsageError
+
+
+def default_augment(ds: DistilledSet, batch_size: int = 100, mix: str = "cutmix",
+                    min_scale: Optional[float] = None) -> AugmentConfig:
+    """The student protocol's augmentation for a distilled set.
+
+    ``min_scale`` defaults to 1/factor of the set's stitching factor (RDED's
+    student loader: RandomResizedCrop scale (1/factor, 1)), 0.08 (torchvision,
+    SRe2L) when the set records no factor.
+    """
+    if min_scale is None:
+        factor = ds.config.get("factor")
+        min_scale = 1.0 / float(factor) if factor else 0.08
+    return AugmentConfig(batch_size=batch_size, min_scale=min(1.0, float(min_scale)), mix=mix)
+
+
+def check_teacher_fits(meta: dict, ds: DistilledSet, what: str = "teacher") -> None:
+    """The teacher must see the distilled images as it was trained to: channels, size, classes."""
+    if meta.get("in_channels") is not None and int(meta["in_channels"]) != ds.in_channels:
+        raise UsageError(f"{what} takes {meta['in_channels']}-channel images, the distilled set "
+                         f"has {ds.in_channels} channels")
+    if meta.get("image_size") is not None and int(meta["image_size"]) != ds.image_size:
+        raise UsageError(f"{what} takes {meta['image_size']} px images, the distilled set has "
+                         f"{ds.image_size} px")
+    nc = int(meta["num_classes"])
+    if "num_classes" in ds.config and int(ds.config["num_classes"]) != nc:
+        raise UsageError(f"{what} has {nc} classes, the distilled set {ds.config['num_classes']}")
+    if int(ds.labels.max()) >= nc:
+        raise UsageError(f"{what} has {nc} classes, the distilled set has label {int(ds.labels.max())}")
+    if ds.config.get("dataset") and meta.get("dataset") and ds.config["dataset"] != meta["dataset"]:
+        raise UsageError(f"{what} was trained on {meta['dataset']}, the distilled set comes from "
+                         f"{ds.config['dataset']}")
+
+
+def resolve_teacher_path(ds: DistilledSet, teacher: Optional[str | Path]) -> Path:
+    """``teacher`` if given, else the teacher recorded in the set's config.json."""
+    if teacher is None:
+        recorded = ds.config.get("teacher") or ds.config.get("teacher_path")
+        if isinstance(recorded, dict):
+            recorded = recorded.get("path")
+        if not recorded:
+            raise UsageError(f"{ds.path}/config.json names no teacher: give --teacher")
+        teacher = recorded
+    return Path(teacher)
+
+
+@torch.no_grad()
+def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teacher_meta: dict,
+            mode: str, epochs: int, *, seed: int = 0, augment: Optional[AugmentConfig] = None,
+            temperature: Optional[float] = None, device: str | torch.device = "cpu",
+            resume: bool = False, force: bool = False, quiet: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+    """Store ``mode`` labels for ``epochs`` replayed epochs in ``DIR/labels_<mode>/``.
+
+    Returns the manifest. Raises :class:`UsageError` (before any work) for a bad
+    mode or epoch count, a teacher that does not fit the set, or an existing
+    labels folder made with other settings (without ``force``) or at all (without
+    ``resume`` or ``force``).
+    """
+    from tqdm import tqdm
+
+    from nrrdd.teacher import progress_enabled
+
+    ds = distilled if isinstance(distilled, DistilledSet) else load_distilled(distilled)
+    if mode not in L.MODES:
+        raise UsageError(f"unknown label mode {mode!r} (choose from {', '.join(L.MODES)})")
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    if seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {seed}")
+    check_teacher_fits(teacher_meta, ds)
+    num_classes = int(teacher_meta["num_classes"])
+    augment = augment or default_augment(ds)
+    if temperature is None:
+        temperature = L.DEFAULT_TEMPERATURE[augment.mix]
+    flds = L.fields(mode, num_classes)
+    N = len(ds)
+    fingerprint = ds.fingerprint()
+    settings = {
+        "format_version": L.FORMAT_VERSION, "mode": mode, "seed": int(seed), "epochs": int(epochs),
+        "batch_size": augment.batch_size, "augment": augment.to_dict(),
+        "temperature": float(temperature) if mode == "compact" else None,
+        "num_images": N, "num_classes": num_classes, "images_sha256": fingerprint,
+        "fields": [f.to_dict() for f in flds], "layout": "epoch_<e>.bin: each field (num_images, width) "
+        "little-endian row-major, fields in order; row i = image i",
+        "teacher": {"path": teacher_meta.get("path"), "arch": teacher_meta.get("arch"),
+                    "test_accuracy": teacher_meta.get("test_accuracy")},
+    }
+    store = L.LabelStore(ds.path, mode)
+    start_epoch = 0
+    if store.exists() and not force:
+        old = store.manifest()
+        if not resume:
+            raise UsageError(f"{store.path} already holds labels: --resume to continue, --force to redo")
+        same = {k: old.get(k) for k in settings if k != "teacher"} == \
+               {k: v for k, v in settings.items() if k != "teacher"}
+        if not same or (old.get("teacher") or {}).get("path") != settings["teacher"]["path"]:
+            raise UsageError(f"{store.path} was made with other settings (seed, epochs, batch size, "
+                             f"augmentation, teacher or images): use --force to redo it")
+        start_epoch = store.finished_epochs(N, flds) if flds else (epochs if old.get("complete") else 0)
+    elif force:
+        store.clear()
+
+    manifest = {**settings, **L.storage_summary(mode, N, num_classes, epochs),
+                "complete": False, "epochs_done": start_epoch,
+                "nrrdd_version": nrrdd.__version__, "torch_version": torch.__version__,
+                "device": str(device), "seconds": 0.0}
+    if store.exists():
+        manifest["seconds"] = float(store.manifest().get("seconds", 0.0))
+    store.write_manifest(manifest)
+
+    if flds and start_epoch < epochs:
+        teacher_model.eval()
+        images = ds.images.to(device)
+        ys = ds.labels.to(device)
+        nb = num_batches(N, augment.batch_size)
+        bar = tqdm(total=(epochs - start_epoch) * nb, desc=f"relabel {mode}", unit="batch",
+                   disable=not progress_enabled(quiet))
+        if start_epoch:
+            log(f"resuming {store.path} at epoch {start_epoch}/{epochs}")
+        for e in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            arrays = {f.name: torch.empty((N, f.width), dtype=f.torch_dtype) for f in flds}
+            for mb in replay_epoch(images, ys, augment, seed, e):
+                logits = teacher_model(mb.x)
+                for name, t in L.teacher_targets(mode, logits, mb.y_org, mb.y_aug, temperature).items():
+                    arrays[name][mb.indices] = t.cpu()
+                bar.update(1)
+            store.write_epoch(e, arrays, flds)
+            manifest["epochs_done"] = e + 1
+            manifest["seconds"] += time.perf_counter() - t0
+            store.write_manifest(manifest)
+        bar.close()
+    manifest["epochs_done"] = epochs
+    manifest["complete"] = True
+    manifest["bytes_on_disk"] = sum(store.shard_path(e).stat().st_size for e in range(epochs)) if flds else 0
+    store.write_manifest(manifest)
+    return manifest
