@@ -14,7 +14,9 @@ device with batched tensor ops:
    area fraction U(min_scale, max_scale), log-aspect U(log 3/4, log 4/3)) as one
    ``affine_grid`` + ``grid_sample`` over the batch. Unlike torchvision's 10-try
    rejection loop, an out-of-range box is clamped to the image, so every batch
-   draws a fixed number of values. Boxes are continuous (bilinear resampling);
+   draws a fixed number of values. Boxes are continuous (bilinear resampling of
+   the whole image at the box's sample points, so the last row/column of the box
+   blends with the pixel beyond it, where torchvision's crop-then-resize clamps);
 3. CutMix (or Mixup) with a partner permutation inside the batch and
    λ ~ Beta(α, α) (α = 1 for CutMix as in SRe2L/RDED); CutMix's box follows
    RDED's ``rand_bbox`` (one box per batch) and the returned λ is the fraction of

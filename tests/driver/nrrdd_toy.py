@@ -5,7 +5,6 @@ runs in seconds on a CPU.
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,9 @@ import torch
 
 
 def fresh_seed() -> int:
-    return random.SystemRandom().randrange(1, 2**31 - 1)
+    """A new seed per call, from torch's global RNG (which tests/conftest.py seeds per test
+    from a per-session random base, so NRRDD_TEST_SEED replays a failing session)."""
+    return int(torch.randint(1, 2**31 - 1, ()))
 
 
 def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 10,

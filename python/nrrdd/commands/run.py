@@ -1,0 +1,294 @@
+"""``nrrdd run``: the whole pipeline — teacher → distill → relabel → evaluate — into one folder.
+
+``OUT/teacher.pt`` (when no ``--teacher`` is given), ``OUT/distilled/`` (the
+distilled set, ``labels_<mode>/``, ``eval_*.json``), ``OUT/report.md`` and
+``OUT/run.json`` (settings, the time of each stage, the top-1 per label mode).
+
+``--method`` picks the images, so the paper's ablations run under one protocol:
+
+- ``nrr``: CIDD (lowest-confidence patches) + non-critical region refinement (default);
+- ``cidd``: CIDD only, no refinement;
+- ``rded``: highest-confidence patches (RDED's choice), no refinement;
+- ``sre2l``: refinement with ``--mask none`` (all-pixel update);
+- ``random``: random real training images.
+
+Every method's students see the same augmentation (the preset's
+RandomResizedCrop scale (1/factor, 1), flip, CutMix).
+
+Presets:
+
+- ``quick``: for trying it out on a CPU (Fashion-MNIST in minutes): a ConvNet-3
+  teacher trained 1 epoch on 10,000 training images (its accuracy is measured on
+  2,000 test images), IPC 10, CIDD on 50 images per class, 20 refinement
+  iterations, ConvNet-3 students for 60 epochs, one seed. Student top-1 is on
+  the full real test set.
+- ``paper``: Appendix A: ResNet-18 teacher (200 epochs, when not given), IPC 10,
+  factor 2, mipc 300, 5 crops, 2000 iterations at batch 100, students trained
+  300 epochs (AdamW 1e-3, wd 0.01, cosine, batch 100), 3 seeds. For a GPU.
+
+Any preset value can be overridden by its flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from nrrdd.errors import UsageError
+
+PRESETS = {
+    "quick": {"teacher_arch": "convnet3", "teacher_epochs": 1, "teacher_train_images": 10000,
+              "teacher_test_images": 2000, "teacher_optimizer": "sgd", "ipc": 10, "iterations": 20,
+              "mipc": 50, "num_crop": 5, "factor": 2, "batch_size": 100, "epochs": 60, "seeds": 1},
+    "paper": {"teacher_arch": "resnet18", "teacher_epochs": 200, "teacher_train_images": None,
+              "teacher_test_images": None, "teacher_optimizer": "sgd", "ipc": 10, "iterations": 2000,
+              "mipc": 300, "num_crop": 5, "factor": 2, "batch_size": 100, "epochs": 300, "seeds": 3},
+}
+METHODS = ("nrr", "cidd", "rded", "sre2l", "random")
+LABEL_MODES = ("dbr", "soft", "compact", "onehot")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="fashion-mnist, cifar10, cifar100 or imagefolder")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--image-size", type=int, default=None, help="resize images (default: the dataset's)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<dataset>-<method>-<preset>)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    p.add_argument("--method", choices=METHODS, default="nrr")
+    p.add_argument("--labels", default="dbr",
+                   help="label mode(s) to evaluate, comma-separated: dbr, soft, compact, onehot")
+    p.add_argument("--online", action="store_true", help="teacher labels computed during training")
+    p.add_argument("--teacher", default=None, help="use this teacher checkpoint instead of training one")
+    p.add_argument("--teacher-arch", default=None)
+    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument("--student", default=None, help="student arch (default: the teacher's)")
+    p.add_argument("--ipc", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--mipc", type=int, default=None)
+    p.add_argument("--factor", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="student epochs")
+    p.add_argument("--seeds", type=int, default=None, help="students per label mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-ddranking", action="store_true",
+                   help="also write OUT/ddranking/{images,labels,soft_labels}.pt")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _subset(ds, n: int | None, seed: int):
+    """A class-balanced random subset of ``n`` images of an ImageSet (all when n is None)."""
+    import torch
+
+    from nrrdd.augment import generator
+    from nrrdd.data import FolderImageSet, TensorImageSet
+
+    if n is None or n >= len(ds):
+        return ds
+    g = generator(seed, 7)
+    per = max(1, n // ds.num_classes)
+    idx = torch.cat([c[torch.randperm(len(c), generator=g)[:per]]
+                     for c in (ds.class_indices(k) for k in range(ds.num_classes))]).sort().values
+    if isinstance(ds, TensorImageSet):
+        sub = TensorImageSet(ds.name, ds.classes, ds.labels[idx], ds.pixels[idx], ds.image_size,
+                             ds.mean, ds.std)
+    elif isinstance(ds, FolderImageSet):
+        sub = FolderImageSet(ds.name, ds.classes, ds.labels[idx], [ds.paths[i] for i in idx.tolist()],
+                             ds.in_channels, ds.image_size, ds.mean, ds.std)
+    else:
+        return ds
+    return sub
+
+
+def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data_dir, factor: int) -> None:
+    """``--method random``: ``ipc`` random real training images per class, teacher-normalised."""
+    import torch
+
+    from nrrdd.augment import generator
+    from nrrdd.data import normalize
+    from nrrdd.distilled_set import save_distilled
+
+    g = generator(seed, 11)
+    counts = train.class_counts()
+    if int(counts.min()) < ipc:
+        raise UsageError(f"--ipc {ipc} is larger than the {int(counts.min())} images of the smallest class")
+    idx = torch.cat([train.class_indices(c)[torch.randperm(int(counts[c]), generator=g)[:ipc]]
+                     for c in range(train.num_classes)])
+    mean, std = teacher_meta.get("mean") or list(train.mean), teacher_meta.get("std") or list(train.std)
+    images = normalize(train.get(idx), mean, std)
+    config = {"format": "nrrdd-random-v1", "method": "random", "dataset": train.name,
+              "data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "ipc": ipc,
+              "num_classes": train.num_classes, "classes": train.classes, "mean": list(mean),
+              "std": list(std), "seed": seed, "factor": factor, "source_indices": idx.tolist(),
+              "teacher": {"path": teacher_meta["path"], "arch": teacher_meta["arch"],
+                          "test_accuracy": teacher_meta.get("test_accuracy")}}
+    save_distilled(out, images, train.labels[idx], config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from nrrdd import storage
+    from nrrdd.commands.evaluate import prepare
+    from nrrdd.commands.train_teacher import resolve_device
+    from nrrdd.data import DATASETS, load_split
+    from nrrdd.distill import DistillSettings, distill
+    from nrrdd.distilled_set import export_ddranking, load_distilled
+    from nrrdd.models import known_arch
+    from nrrdd.relabel import default_augment, relabel
+    from nrrdd.report import report
+    from nrrdd.teacher import load_teacher, save_teacher, train_teacher
+
+    P = dict(PRESETS[args.preset])
+    for key in ("teacher_arch", "teacher_epochs", "ipc", "iterations", "mipc", "factor", "epochs", "seeds"):
+        if getattr(args, key) is not None:
+            P[key] = getattr(args, key)
+    modes = [m.strip() for m in args.labels.split(",") if m.strip()]
+    bad = [m for m in modes if m not in LABEL_MODES]
+    if not modes or bad:
+        raise UsageError(f"--labels takes {', '.join(LABEL_MODES)} (comma-separated), got {args.labels!r}")
+    if args.online and "onehot" in modes:
+        raise UsageError("--online needs teacher label modes, not onehot")
+    for key in ("teacher_epochs", "ipc", "factor", "epochs", "seeds", "mipc"):
+        if P[key] is not None and P[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {P[key]}")
+    if P["iterations"] < 0:
+        raise UsageError("--iterations must be >= 0")
+    if args.seed < 0:
+        raise UsageError("--seed must be non-negative")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r} (choose from {', '.join(DATASETS)})")
+    if args.resume and args.force:
+        raise UsageError("--resume and --force exclude each other")
+    if args.teacher is None and not known_arch(P["teacher_arch"]):
+        raise UsageError(f"unknown teacher arch {P['teacher_arch']!r}")
+    if args.student is not None and not known_arch(args.student):
+        raise UsageError(f"unknown student arch {args.student!r}")
+    device = resolve_device(args.device)
+    out = Path(args.out or f"runs/{args.dataset}-{args.method}-{args.preset}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.force):
+        raise UsageError(f"{out} is not empty: --resume to continue the run there, --force to redo it")
+    if args.force and out.is_dir():
+        import shutil
+
+        for name in ("teacher.pt", "distilled", "ddranking", "run.json", "report.md"):
+            t = out / name
+            shutil.rmtree(t) if t.is_dir() else t.unlink(missing_ok=True)
+    say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+
+    t_all = time.perf_counter()
+    timings: dict = {}
+    # data (fails early on a missing folder)
+    train = load_split(args.dataset, args.data_dir, "train", args.image_size)
+    test = load_split(args.dataset, args.data_dir, "test", args.image_size)
+
+    counts = train.class_counts()
+    smallest = int(counts.min())
+    if P["ipc"] > smallest:
+        raise UsageError(f"--ipc {P['ipc']} is larger than the {smallest} images of the smallest class")
+    if args.method != "random":
+        from nrrdd.cidd import pool_size
+
+        need, have = P["ipc"] * P["factor"] ** 2, pool_size(smallest, P["mipc"], 1, P["num_crop"])
+        if have < need:
+            raise UsageError(f"CIDD needs {need} patches per class (ipc x factor^2) but the smallest class "
+                             f"pools only {have}: raise --mipc or lower --factor/--ipc")
+
+    # 1. teacher
+    t = time.perf_counter()
+    if args.teacher is not None:
+        teacher_path = Path(args.teacher)
+        teacher, meta = load_teacher(teacher_path, device)
+    else:
+        teacher_path = out / "teacher.pt"
+        if args.resume and teacher_path.is_file():
+            teacher, meta = load_teacher(teacher_path, device)
+            say(f"teacher: reusing {teacher_path}")
+        else:
+            tr = _subset(train, P["teacher_train_images"], args.seed)
+            te = _subset(test, P["teacher_test_images"], args.seed)
+            say(f"teacher: training {P['teacher_arch']} for {P['teacher_epochs']} epoch(s) on "
+                f"{len(tr)} images")
+            model, meta = train_teacher(P["teacher_arch"], tr, te, epochs=P["teacher_epochs"], device=device,
+                                        seed=args.seed, optimizer=P["teacher_optimizer"], quiet=args.quiet,
+                                        log=say)
+            meta.update(train_images=len(tr), test_images=len(te),
+                        data_dir=None if args.data_dir is None else str(Path(args.data_dir).resolve()))
+            save_teacher(model, meta, teacher_path)
+            teacher, meta = load_teacher(teacher_path, device)
+    if int(meta["num_classes"]) != train.num_classes or int(meta["in_channels"]) != train.in_channels:
+        raise UsageError(f"teacher {teacher_path} ({meta['num_classes']} classes, {meta['in_channels']} "
+                         f"channels) does not fit {args.dataset}")
+    student = args.student or meta["arch"]
+    timings["teacher"] = time.perf_counter() - t
+    acc = meta.get("test_accuracy")
+    say(f"teacher: {meta['arch']}, test accuracy {acc:.4f}" if acc is not None else f"teacher: {meta['arch']}")
+
+    # 2. distilled images
+    t = time.perf_counter()
+    dist = out / "distilled"
+    if args.method == "random":
+        if not (args.resume and (dist / "images.pt").is_file()):
+            train.mean, train.std = tuple(meta.get("mean") or train.mean), tuple(meta.get("std") or train.std)
+            _random_real(train, P["ipc"], args.seed, dist, meta, args.data_dir, P["factor"])
+    else:
+        iterations = 0 if args.method in ("cidd", "rded") else P["iterations"]
+        settings = DistillSettings(
+            dataset=args.dataset, teacher=str(teacher_path), ipc=P["ipc"], out=str(dist),
+            data_dir=args.data_dir, image_size=args.image_size, iterations=iterations, factor=P["factor"], mipc=P["mipc"],
+            num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
+            mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
+            device=str(device), method=args.method, quiet=args.quiet)
+        distill(settings, resume=args.resume, log=say)
+    ds = load_distilled(dist)
+    timings["distill"] = time.perf_counter() - t
+    say(f"distilled: {len(ds)} images ({args.method}) in {timings['distill']:.0f}s -> {dist}")
+
+    # 3. labels, 4. students
+    augment = default_augment(ds, P["batch_size"], "cutmix", 1.0 / P["factor"])
+    results = {}
+    timings["relabel"], timings["evaluate"] = 0.0, 0.0
+    for mode in modes:
+        if not args.online:
+            t = time.perf_counter()
+            m = relabel(ds, teacher, meta, mode, P["epochs"], seed=args.seed, augment=augment, device=device,
+                        resume=args.resume, quiet=args.quiet, log=say)
+            timings["relabel"] += time.perf_counter() - t
+            say(f"labels: {mode}, {m['bytes_stored']} bytes ({m['bytes_per_image_per_epoch']} per image "
+                f"per epoch)")
+        t = time.perf_counter()
+        ns = argparse.Namespace(
+            distilled=str(dist), dataset=args.dataset, data_dir=args.data_dir, student=student, labels=mode,
+            online=args.online, teacher=str(teacher_path), epochs=P["epochs"], seeds=P["seeds"],
+            seed=args.seed, batch_size=P["batch_size"], mix="cutmix", min_scale=1.0 / P["factor"],
+            temperature=None, lr=1e-3, weight_decay=0.01, device=str(device), resume=args.resume,
+            quiet=args.quiet)
+        res = prepare(ns, extra={"method": args.method, "preset": args.preset})()
+        timings["evaluate"] += time.perf_counter() - t
+        results[mode] = res
+    if args.export_ddranking:
+        export_ddranking(ds, out / "ddranking", teacher, str(device))
+    timings["total"] = time.perf_counter() - t_all
+    table = report([dist])
+    storage.write_bytes(table.encode(), out / "report.md")
+    storage.write_json({
+        "dataset": args.dataset, "preset": args.preset, "method": args.method, "settings": P,
+        "seed": args.seed, "student": student, "device": str(device), "online": args.online,
+        "teacher": {"path": str(teacher_path.resolve()), "arch": meta["arch"], "test_accuracy": acc,
+                    "train_images": meta.get("train_images"), "test_images": meta.get("test_images")},
+        "top1": {m: r["top1"] for m, r in results.items()},
+        "top1_mean": {m: r["top1_mean"] for m, r in results.items()},
+        "top1_std": {m: r["top1_std"] for m, r in results.items()},
+        "label_bytes": {m: r["label_bytes"] for m, r in results.items()},
+        "seconds": timings, "torch_version": torch.__version__,
+    }, out / "run.json")
+    say(table.rstrip())
+    for mode, r in results.items():
+        print(f"top-1 ({args.method}, IPC {P['ipc']}, {mode}{' online' if args.online else ''} labels, "
+              f"{student}): {r['top1_mean']:.2f} ± {r['top1_std']:.2f}% "
+              f"[{timings['total']:.0f}s total] -> {out}")
+    return 0

@@ -1,0 +1,173 @@
+"""Student evaluation (nrrdd.student, ``nrrdd evaluate``): the loss per mode, eval json, resume, errors."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nrrdd_ext
+from nrrdd import labels as L
+from nrrdd.augment import AugmentConfig, replay_batch
+from nrrdd.cli import main
+from nrrdd.data import load_split
+from nrrdd.distilled_set import load_distilled
+from nrrdd.student import StoredLabels, student_loss, train_student
+from nrrdd_toy import fresh_seed, make_distilled, make_imagefolder, make_teacher
+
+CLASSES, IPC, SIZE = 3, 4, 16
+
+
+@pytest.fixture
+def setup(tmp_path):
+    make_imagefolder(tmp_path / "data", CLASSES, 4, 5, SIZE)
+    make_teacher(tmp_path / "teacher.pt", CLASSES, 1, SIZE)
+    make_distilled(tmp_path / "dist", tmp_path / "teacher.pt", tmp_path / "data", IPC, CLASSES, 1, SIZE)
+    return tmp_path
+
+
+def _batch(classes=7, n=12):
+    g = torch.Generator().manual_seed(fresh_seed())
+    images = torch.randn(n, 1, 10, 10, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    mb = replay_batch(images, labels, AugmentConfig(batch_size=n), fresh_seed(), 0, 0)
+    teacher_logits = 3 * torch.randn(n, classes, generator=g)
+    student_logits = torch.randn(n, classes, generator=g, dtype=torch.float64).float().requires_grad_()
+    return mb, teacher_logits, student_logits
+
+
+def test_dbr_loss_is_eq_10_on_the_stored_distances():
+    mb, t, s = _batch()
+    tg = L.teacher_targets("dbr", t, mb.y_org, mb.y_aug, 20.0)
+    assert tg["d"].dtype == torch.float16 and tg["d"].shape == (12, 2)
+    loss = student_loss("dbr", s, mb, tg, 20.0)
+    # Eq. 8: d = CE(logits, y); Eq. 10: hinge at r = 0.4 plus alpha = 1 times |d - d^T|
+    logp = F.log_softmax(s.double(), 1)
+    d_org = -logp.gather(1, mb.y_org[:, None]).squeeze(1)
+    d_aug = -logp.gather(1, mb.y_aug[:, None]).squeeze(1)
+    dt = tg["d"].double()
+    ref = ((d_org - 0.4).clamp_min(0) + (d_aug - 0.4).clamp_min(0)
+           + (d_org - dt[:, 0]).abs() + (d_aug - dt[:, 1]).abs()).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    ref_op = nrrdd_ext.reference.dbr_loss(s, mb.y_org, mb.y_aug, dt[:, 0].float(), dt[:, 1].float(), 0.4, 1.0)
+    assert loss.item() == pytest.approx(ref_op.item(), rel=1e-5)
+    loss.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_soft_loss_is_kl_to_the_softened_teacher():
+    mb, t, s = _batch()
+    T = 20.0
+    tg = L.teacher_targets("soft", t, mb.y_org, mb.y_aug, T)
+    loss = student_loss("soft", s, mb, tg, T)
+    q = torch.softmax(tg["logits"].double() / T, 1)
+    ref = (q * (q.log() - F.log_softmax(s.double() / T, 1))).sum(1).mean()  # batchmean, no T^2
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-7)
+
+
+def test_compact_loss_spreads_the_rest_evenly():
+    mb, t, s = _batch(classes=7)
+    T = 4.0
+    tg = L.teacher_targets("compact", t, mb.y_org, mb.y_aug, T)
+    p = torch.softmax(t / T, 1)
+    top = p.topk(2, 1)
+    assert torch.equal(tg["cls"].long(), top.indices) and tg["cls"].dtype == torch.int16
+    q = torch.full((12, 7), 0.0, dtype=torch.float64)
+    for i in range(12):
+        kept = tg["prob"][i].double()
+        q[i] = (1 - kept.sum()) / 5
+        q[i, top.indices[i]] = kept
+    assert torch.allclose(q.sum(1), torch.ones(12, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(L.compact_distribution(tg["prob"], tg["cls"], 7).double(), q, atol=1e-6)
+    loss = student_loss("compact", s, mb, tg, T)
+    ref = (q * (q.log() - F.log_softmax(s.double() / T, 1))).sum(1).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_onehot_loss_weights_both_labels_by_lambda():
+    mb, t, s = _batch()
+    assert 0 <= mb.lam <= 1
+    loss = student_loss("onehot", s, mb, L.teacher_targets("onehot", t, mb.y_org, mb.y_aug, 1.0), 20.0)
+    ref = mb.lam * F.cross_entropy(s, mb.y_org) + (1 - mb.lam) * F.cross_entropy(s, mb.y_aug)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def _evaluate(dist, labels, *extra):
+    return main(["evaluate", "--distilled", str(dist), "--labels", labels, "--student", "convnet3",
+                 "--device", "cpu", "--quiet", *extra])
+
+
+def test_eval_json_and_online_equals_stored(setup):
+    dist, seed = setup / "dist", fresh_seed()
+    assert main(["relabel", "--distilled", str(dist), "--mode", "dbr", "--epochs", "2", "--seed", str(seed),
+                 "--batch-size", "5", "--device", "cpu", "--quiet"]) == 0
+    assert _evaluate(dist, "dbr", "--seeds", "2") == 0
+    e = json.loads((dist / "eval_dbr_convnet3.json").read_text())
+    m = json.loads((dist / "labels_dbr" / "manifest.json").read_text())
+    assert len(e["top1"]) == 2 and e["student_seeds"] == [0, 1]
+    assert all(0 <= a <= 100 for a in e["top1"])
+    assert e["top1_mean"] == pytest.approx(statistics.fmean(e["top1"]))
+    assert e["top1_std"] == pytest.approx(statistics.pstdev(e["top1"]))
+    assert e["label_bytes"] == m["bytes_stored"] == 12 * 2 * 4
+    assert e["labels"] == "dbr" and e["student"] == "convnet3" and e["epochs"] == 2
+    assert e["replay_seed"] == seed and e["top1_at"] == "last epoch"
+    assert e["dbr_r"] == 0.4 and e["dbr_alpha"] == 1.0 and e["seconds"] > 0
+    # 15 test images (5 per class): top-1 is a multiple of 100/15
+    assert all(abs(a * 15 / 100 - round(a * 15 / 100)) < 1e-9 for a in e["top1"])
+    # online: the teacher runs during training on the same x_mix -> the very same students
+    assert _evaluate(dist, "dbr", "--seeds", "2", "--online", "--epochs", "2", "--seed", str(seed),
+                     "--batch-size", "5") == 0
+    o = json.loads((dist / "eval_dbr-online_convnet3.json").read_text())
+    assert o["online"] and o["label_bytes"] == 0
+    assert o["top1"] == e["top1"] and o["final_train_loss"] == e["final_train_loss"]
+
+
+def test_interrupted_student_resumes_to_the_same_result(setup):
+    dist = setup / "dist"
+    assert main(["relabel", "--distilled", str(dist), "--mode", "soft", "--epochs", "3",
+                 "--batch-size", "5", "--device", "cpu", "--quiet"]) == 0
+    ds = load_distilled(dist)
+    m = L.LabelStore(dist, "soft").manifest()
+    cfg = AugmentConfig.from_dict(m["augment"])
+    test = load_split("imagefolder", setup / "data", "test", SIZE)
+    args = (ds, "convnet3", "soft", None, cfg, 0, 3, 7, CLASSES, test, ds.config["mean"], ds.config["std"])
+    stored = StoredLabels(L.LabelStore(dist, "soft"), m, "cpu")
+
+    def interrupting(mb):
+        if mb.epoch == 2:
+            raise KeyboardInterrupt
+        return stored(mb)
+
+    ckpt = setup / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_student(*args[:3], interrupting, *args[4:], checkpoint=ckpt, checkpoint_every_s=0.0,
+                      settings={"k": 1}, quiet=True)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    resumed = train_student(*args[:3], stored, *args[4:], checkpoint=ckpt, settings={"k": 1}, quiet=True)
+    fresh = train_student(*args[:3], stored, *args[4:], quiet=True)
+    assert resumed.final_loss == fresh.final_loss and resumed.top1 == fresh.top1
+    with pytest.raises(Exception):  # a checkpoint of other settings is refused
+        train_student(*args[:3], stored, *args[4:], checkpoint=ckpt, settings={"k": 2}, quiet=True)
+
+
+def test_bad_input_exits_2(setup, tmp_path, capsys):
+    dist, seed = setup / "dist", fresh_seed()
+    assert _evaluate(dist, "dbr", "--seeds", "1") == 2  # no labels_dbr yet
+    assert main(["relabel", "--distilled", str(dist), "--mode", "dbr", "--epochs", "2", "--seed", str(seed),
+                 "--batch-size", "5", "--device", "cpu", "--quiet"]) == 0
+    assert _evaluate(dist, "dbr", "--epochs", "3") == 2  # labels made for 2 epochs
+    assert _evaluate(dist, "dbr", "--seed", str(seed + 1)) == 2  # labels made with another seed
+    assert _evaluate(dist, "onehot", "--online") == 2
+    assert _evaluate(dist, "dbr", "--dataset", "cifar10") == 2  # not the set's dataset
+    assert main(["evaluate", "--distilled", str(dist), "--labels", "dbr", "--student", "no-such-net",
+                 "--device", "cpu"]) == 2
+    assert _evaluate(tmp_path / "missing", "dbr") == 2
+    # a distilled set with more classes than the real test set
+    make_teacher(tmp_path / "t4.pt", CLASSES + 1, 1, SIZE)
+    make_distilled(tmp_path / "d4", tmp_path / "t4.pt", setup / "data", 2, CLASSES + 1, 1, SIZE)
+    assert _evaluate(tmp_path / "d4", "onehot", "--epochs", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 8 and all(line.startswith("nrrdd evaluate: error: ") for line in err)
+    assert not list(dist.glob("eval_*.json"))
