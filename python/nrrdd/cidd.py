@@ -155,6 +155,11 @@ class CiddResult:
     pool_box: torch.Tensor      # (pool, 4) (CPU)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @torch.no_grad()
 def teacher_outputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int,
                     cam_size: Optional[Tuple[int, int]] = None):
@@ -168,10 +173,10 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, bat
     probs, maps = [], []
     for s in range(0, x.shape[0], batch_size):
         f = cam.forward_features(x[s:s + batch_size])
-        probs.append(torch.softmax(cam.forward_head(f).float(), 1))
+        probs.append(torch.softmax(_full(cam.forward_head(f)), 1))
         if cam_size is not None:
             m = nrrdd_ext.class_activation_map(f, weight.to(f.dtype), labels[s:s + batch_size])
-            maps.append(F.interpolate(m.unsqueeze(1).float(), size=cam_size, mode="bilinear",
+            maps.append(F.interpolate(_full(m.unsqueeze(1)), size=cam_size, mode="bilinear",
                                       align_corners=False).squeeze(1))
     return torch.cat(probs), (torch.cat(maps) if cam_size is not None else None)
 

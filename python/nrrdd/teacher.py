@@ -124,7 +124,7 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
             opt.step()
             sched.step()
             seen += y.numel()
-            loss_sum += float(loss) * y.numel()
+            loss_sum += float(loss.detach()) * y.numel()
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         if not quiet:
