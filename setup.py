@@ -25,7 +25,10 @@ def _find_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for root in candidates:
-        if os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.isdir(os.path.join(root, "include")):
+        # the toolkit root holds bin/nvcc and include/cuda_runtime.h (a wrapper script
+        # such as /usr/local/bin/nvcc has neither beside it)
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
             return root
     return None
 

@@ -52,9 +52,9 @@ struct AdamStep {
 
 template <typename T>
 NRRDD_HD AdamStep<T> adam_step_constants(T lr, T beta1, T beta2, T eps, T t) {
-  const T bc1 = T(1) - pow(beta1, t);
-  const T bc2 = T(1) - pow(beta2, t);
-  return {beta1, beta2, eps, lr / bc1, T(1) / sqrt(bc2)};
+  const T bc1 = T(1) - static_cast<T>(pow(beta1, t));
+  const T bc2 = T(1) - static_cast<T>(pow(beta2, t));
+  return {beta1, beta2, eps, lr / bc1, T(1) / static_cast<T>(sqrt(bc2))};
 }
 
 // Updates m, v in place and returns the new pixel value, before clamping.

@@ -141,3 +141,40 @@ def dbr_loss(logits, y_org, y_aug, d_org_t, d_aug_t, r: float = 0.4,
     rows = (F.relu(d_org - r) + F.relu(d_aug - r)
             + alpha * ((d_org - d_org_t).abs() + (d_aug - d_aug_t).abs()))
     return _reduce(rows, reduction)
+
+
+def cutmix(x, perm, box):
+    """x with the box (y0, y1, x0, x1) pasted from x[perm] (differentiable)."""
+    y0, y1, x0, x1 = box
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    return mixed
+
+
+def refine_iteration(x, labels, optimizer, features_fn, head_fn, fc_weight, bn_hooks, *,
+                     perm, box, alpha_bn=0.01, first_bn_multiplier=10.0, alpha_lr=1.0, r=0.4,
+                     cam_eps=0.5, clamp_min=None, clamp_max=None):
+    """One NRR iteration the way the SRe2L family writes it (the benchmark baseline).
+
+    ``bn_hooks`` are :class:`BNFeatureHook` s on every BatchNorm (the first is
+    weighted by ``first_bn_multiplier``); ``optimizer`` is ``torch.optim.Adam``
+    over ``[x]``. CE + alpha_bn * L_bn on x and alpha_lr * L_lr on the CutMix view
+    go through one backward; the full-resolution mask multiplies the gradient
+    before the Adam step; x is clamped per channel. Returns the loss terms.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    feats = features_fn(x)
+    logits = head_fn(feats)
+    ce = F.cross_entropy(logits, labels)
+    loss_bn = first_bn_multiplier * bn_hooks[0].loss
+    for h in bn_hooks[1:]:
+        loss_bn = loss_bn + h.loss
+    logits_mix = head_fn(features_fn(cutmix(x, perm, box)))
+    loss_lr = label_refine_loss(logits_mix, labels, labels[perm], r)
+    (ce + alpha_bn * loss_bn + alpha_lr * loss_lr).backward()
+    mask = non_critical_mask(feats.detach(), fc_weight.detach(), labels, x.shape[-2:], cam_eps)
+    x.grad.mul_(mask)
+    optimizer.step()
+    with torch.no_grad():
+        _clamp_channels_(x, clamp_min, clamp_max)
+    return {"ce": ce.detach(), "bn": loss_bn.detach(), "lr": loss_lr.detach()}

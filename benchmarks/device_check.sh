@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one GPU check: build the extension for sm_90, run the CUDA tests, run the
+# benchmarks; logs and JSON under $OUT. Run from the repository root, e.g. with
+# the device tool:  bash benchmarks/device_check.sh
+set -uo pipefail
+OUT="${OUT:-/tmp/nrrdd_device_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=python3
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+note "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+note "gpu: $(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1)"
+note "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+
+start=$(date +%s)
+if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"
+  note "build: FAILED"
+  exit 1
+fi
+note "build: ok in $(( $(date +%s) - start )) s; cuda kernels: $($PY -c 'import nrrdd_ext; print(nrrdd_ext.cuda_kernels_built())')"
+
+# CUDA tests (the ops' and the driver's), then a CPU sanity subset.
+$PY -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log" | tail -n 25
+note "tests (cuda): $(tail -n 1 "$OUT/tests_cuda.log")"
+
+STAGE="${NRRDD_DEVICE_STAGES:-ops refine}"
+if [[ " $STAGE " == *" ops "* ]]; then
+  $PY benchmarks/bench_ops.py --device cuda --iters 50 --json "$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
+fi
+if [[ " $STAGE " == *" refine "* ]] && [ -f benchmarks/bench_refine.py ]; then
+  $PY benchmarks/bench_refine.py --device cuda --iters 30 --json "$OUT/bench_refine.json" 2>&1 | tee "$OUT/bench_refine.log"
+fi
+note "total: $(( $(date +%s) - start )) s"

@@ -1,0 +1,59 @@
+"""Timing and memory measurement shared by the benchmarks.
+
+CUDA: median of CUDA-event times after warm-up; inputs rotated over several
+copies so that a small working set is not served from L2. CPU: median wall time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def rotation_count(bytes_per_set: int, device: torch.device, floor_bytes: int = 256 << 20) -> int:
+    """How many input copies to cycle through so the working set exceeds L2."""
+    if device.type != "cuda" or bytes_per_set <= 0:
+        return 1
+    return int(max(1, min(16, -(-floor_bytes // bytes_per_set))))
+
+
+def median_ms(fn: Callable[[int], None], device: torch.device, iters: int, warmup: int = 5) -> float:
+    """Median milliseconds of fn(i), i = 0, 1, ... (i selects the rotated input)."""
+    for i in range(warmup):
+        fn(i)
+    times: List[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for i in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda i: dst.copy_(src), device, iters)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
