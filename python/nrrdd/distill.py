@@ -173,6 +173,8 @@ def plan(s: DistillSettings) -> _Plan:
     except UsageError as e:
         if "plain state dict" not in str(e):
             raise
+        if s.teacher_arch is None:
+            raise UsageError(f"{s.teacher} is a plain state dict: name its arch with --teacher-arch") from None
         # A plain state dict: its class count, channels and size come from the data.
         probe = load_split(s.dataset, s.data_dir, "train", s.image_size)
         model, meta = load_teacher(s.teacher, "cpu", arch=s.teacher_arch, num_classes=probe.num_classes,

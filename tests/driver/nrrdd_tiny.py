@@ -13,6 +13,7 @@ import pytest
 import torch
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+TINY = 8  # side of the made-up image-folder images and of the teacher for them
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -57,7 +58,7 @@ def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 6, val
 
 @pytest.fixture(scope="session")
 def folder_dir(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("folder"))
+    return make_imagefolder(tmp_path_factory.mktemp("folder"), size=TINY)
 
 
 def make_teacher(path: Path, *, num_classes: int = 3, in_channels: int = 1, image_size: int = 16,
@@ -84,7 +85,7 @@ def make_teacher(path: Path, *, num_classes: int = 3, in_channels: int = 1, imag
 
 @pytest.fixture(scope="session")
 def teacher_path(tmp_path_factory) -> Path:
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", image_size=TINY)
 
 
 def small_convnet(num_classes: int = 4, in_channels: int = 1, image_size: int = 12,

@@ -114,3 +114,22 @@ def test_plain_state_dict_teacher(tmp_path):
         load_teacher(tmp_path / "sd.pt", arch="resnet18", num_classes=7, in_channels=3, image_size=16)
     with pytest.raises(UsageError, match="does not exist"):
         load_teacher(tmp_path / "missing.pt")
+
+
+def test_train_teacher_cli(idx_dir, tmp_path, capsys):
+    from nrrdd.cli import main
+
+    out = tmp_path / "t.pt"
+    argv = ["train-teacher", "--dataset", "fashion-mnist", "--data-dir", str(idx_dir), "--arch", "convnet3",
+            "--epochs", "1", "--batch-size", "20", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    model, meta = load_teacher(out)
+    assert (meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"]) == ("convnet3", 10, 1, 12)
+    assert meta["dataset"] == "fashion-mnist" and meta["classes"][9] == "Ankle boot" and meta["epochs"] == 1
+    assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta["mean"] == [0.286] and meta["seed"] == 0
+    before = out.read_bytes()
+    assert main(argv) == 2  # refuses to overwrite without --force
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(argv[:-1] + ["--arch", "nonsense_net_3", "--force", "--quiet"]) == 2
+    assert out.read_bytes() == before

@@ -1,0 +1,203 @@
+"""``nrrdd distill`` end to end: outputs, reproducibility, resume, refusals; real-data smoke."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nrrdd_tiny import FASHION_MNIST_DIR, TINY, make_teacher
+
+from nrrdd.cli import main
+from nrrdd.distill import DistillSettings, distill, refine_batches
+
+
+def _args(data, teacher, out, *extra):
+    return ["distill", "--dataset", "imagefolder", "--data-dir", str(data), "--teacher", str(teacher),
+            "--ipc", "2", "--out", str(out), "--iterations", "3", "--mipc", "4", "--num-crop", "2", "--top-t", "2",
+            "--batch-size", "4", "--log-every", "2", "--device", "cpu", "--seed", "1", "--quiet", *extra]
+
+
+def _settings(data, teacher, out, **kw):
+    base = dict(dataset="imagefolder", data_dir=str(data), teacher=str(teacher), ipc=2, out=str(out),
+                iterations=3, mipc=4, num_crop=2, top_t=2, batch_size=4, log_every=2, seed=1, quiet=True)
+    return DistillSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def full_run(folder_dir, teacher_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert main(_args(folder_dir, teacher_path, out)) == 0
+    return out
+
+
+def test_outputs(full_run):
+    images, labels = torch.load(full_run / "images.pt"), torch.load(full_run / "labels.pt")
+    assert images.shape == (6, 1, TINY, TINY) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    cfg = json.loads((full_run / "config.json").read_text())
+    assert cfg["status"] == "done" and cfg["seed"] == 1 and cfg["ipc"] == 2 and cfg["num_classes"] == 3
+    assert cfg["teacher"]["test_accuracy"] == 0.5 and cfg["teacher"]["path"].endswith("teacher.pt")
+    assert cfg["versions"]["torch"] == torch.__version__ and "nrrdd_ext" in cfg["versions"]
+    assert cfg["method"] == "nrr" and cfg["refine"]["cam_eps"] == 0.5 and cfg["refine"]["alpha_bn"] == 0.01
+    for stage in ("load", "cidd", "refine", "write", "total"):
+        assert cfg["timings"][stage] >= 0
+    assert json.loads((full_run / "timings.json").read_text())["total"] > 0
+    lo = (0 - 0.449) / 0.226
+    hi = (1 - 0.449) / 0.226
+    assert float(images.min()) >= lo - 1e-6 and float(images.max()) <= hi + 1e-6
+    pngs = sorted(p.relative_to(full_run).as_posix() for p in (full_run / "images").rglob("*.png"))
+    assert pngs == [f"images/c{c}/{i}.png" for c in range(3) for i in range(2)]
+    from PIL import Image
+
+    with Image.open(full_run / "images" / "c1" / "0.png") as im:
+        assert im.size == (TINY, TINY)
+        px = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32))
+    want = ((images[2, 0] * 0.226 + 0.449).clamp(0, 1) * 255)
+    assert float((px - want).abs().max()) <= 1.0  # de-normalised, 8-bit
+    for name in ("grid.png", "masks.png"):
+        with Image.open(full_run / name) as im:
+            assert im.size == (2 * (TINY + 2) + 2, 3 * (TINY + 2) + 2)  # 2 columns, one row per class, 2 px gaps
+    log = [json.loads(line) for line in (full_run / "log.jsonl").read_text().splitlines()]
+    # 6 images in batches of 4 -> 2 batches; iterations 2 and 3 logged in each
+    assert [(r["batch"], r["iteration"]) for r in log] == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    assert all({"ce", "bn", "lr", "total"} <= set(r) for r in log)
+    assert not (full_run / "partial").exists()
+
+
+def test_batches_mix_classes():
+    batches = refine_batches(3, 2, 4)
+    assert [b.tolist() for b in batches] == [[0, 2, 4, 1], [3, 5]]
+
+
+def test_interrupted_run_resumes_to_identical_images(folder_dir, teacher_path, full_run, tmp_path):
+    out = tmp_path / "run"
+    seen = []
+
+    def stop_after_first_batch(stage, i):
+        seen.append((stage, i))
+        if stage == "refine":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_settings(folder_dir, teacher_path, out), on_unit=stop_after_first_batch)
+    assert seen == [("cidd", 0), ("cidd", 1), ("cidd", 2), ("refine", 0)]
+    assert not (out / "images.pt").exists() and (out / "partial" / "refine" / "00000.pt").is_file()
+    # without --resume the folder is refused, untouched
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(_args(folder_dir, teacher_path, out)) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    redone = []
+    res = distill(_settings(folder_dir, teacher_path, out), resume=True,
+                  on_unit=lambda s, i: redone.append((s, i)))
+    assert redone == [("refine", 1)] and res.resumed_units == 4  # 3 classes + 1 batch reused
+    assert torch.equal(torch.load(out / "images.pt"), torch.load(full_run / "images.pt"))  # same seed
+    assert (out / "log.jsonl").read_text() == (full_run / "log.jsonl").read_text()
+    # a finished run resumed again: nothing to do
+    assert main(_args(folder_dir, teacher_path, out, "--resume")) == 0
+
+
+def test_other_seed_differs_and_force_overwrites(folder_dir, teacher_path, full_run, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(folder_dir, teacher_path, out)[:-3] + ["--seed", "2", "--quiet"]) == 0
+    a = torch.load(out / "images.pt")
+    assert not torch.equal(a, torch.load(full_run / "images.pt"))
+    assert main(_args(folder_dir, teacher_path, out, "--force")) == 0  # seed 1 again
+    assert torch.equal(torch.load(out / "images.pt"), torch.load(full_run / "images.pt"))
+
+
+def test_cidd_only_with_highest_selection(folder_dir, teacher_path, tmp_path):
+    out = tmp_path / "rded"
+    assert main(_args(folder_dir, teacher_path, out, "--iterations", "0", "--select", "highest")) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == "rded" and (out / "masks.png").is_file()
+    assert (out / "log.jsonl").read_text() == ""
+
+
+def _snapshot(folder: Path):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def occupied(full_run, tmp_path):
+    """An output folder holding a finished run (a copy of full_run)."""
+    import shutil
+
+    out = tmp_path / "occupied"
+    shutil.copytree(full_run, out)
+    return out
+
+
+def test_bad_inputs_exit_2_and_touch_nothing(folder_dir, teacher_path, occupied, tmp_path, capsys):
+    wrong_classes = make_teacher(tmp_path / "t5.pt", num_classes=5, image_size=TINY)
+    wrong_channels = make_teacher(tmp_path / "t3ch.pt", in_channels=3, image_size=TINY)
+    wrong_data = make_teacher(tmp_path / "tfm.pt", dataset="fashion-mnist", image_size=TINY)
+    torch.save({"format": "nrrdd-teacher-v1", "arch": "no_such_arch_9", "num_classes": 3, "in_channels": 1,
+                "image_size": TINY, "state_dict": {}}, tmp_path / "tarch.pt")
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(1)}, plain)
+    base = _args(folder_dir, teacher_path, occupied)
+    cases = {
+        "missing data folder": _args(tmp_path / "no-data", teacher_path, occupied, "--resume"),
+        "unknown arch": _args(folder_dir, tmp_path / "tarch.pt", occupied, "--force"),
+        "unknown plain arch": _args(folder_dir, plain, occupied, "--force", "--teacher-arch", "bogus_net"),
+        "ipc too large": base[:base.index("--ipc") + 1] + ["7"] + base[base.index("--ipc") + 2:] + ["--force"],
+        "class count": _args(folder_dir, wrong_classes, occupied, "--force"),
+        "channels": _args(folder_dir, wrong_channels, occupied, "--force"),
+        "teacher of another dataset": _args(folder_dir, wrong_data, occupied, "--force"),
+        "missing teacher": _args(folder_dir, tmp_path / "none.pt", occupied, "--force"),
+        "different run": _args(folder_dir, teacher_path, occupied, "--seed", "9"),
+        "different run, resume": _args(folder_dir, teacher_path, occupied, "--seed", "9", "--resume"),
+        "same run, no flag": base,
+        "resume and force": base + ["--resume", "--force"],
+        "pool too small": _args(folder_dir, teacher_path, occupied, "--force", "--factor", "3"),
+        "cuda graph on cpu": _args(folder_dir, teacher_path, occupied, "--force", "--cuda-graph"),
+    }
+    before = _snapshot(occupied)
+    for what, argv in cases.items():
+        capsys.readouterr()
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("nrrdd distill: error:"), (what, err)
+        assert _snapshot(occupied) == before, what
+    with pytest.raises(SystemExit) as e:  # argparse's own refusals are exit 2 too
+        main(base + ["--mask", "sometimes"])
+    assert e.value.code == 2
+
+
+def test_folder_with_other_files_is_refused(folder_dir, teacher_path, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_args(folder_dir, teacher_path, out)) == 2
+    assert main(_args(folder_dir, teacher_path, out, "--resume")) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="real Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+def test_real_fashion_mnist_smoke(tmp_path):
+    """train-teacher's library path on a 400-image slice, then distill on the real train set."""
+    from nrrdd.data import TensorImageSet, load_split
+    from nrrdd.teacher import save_teacher, train_teacher
+
+    full = load_split("fashion-mnist", None, "train")
+    sl = TensorImageSet("fashion-mnist", full.classes, full.labels[:400], full.pixels[:400], None,
+                        full.mean, full.std)
+    test = TensorImageSet("fashion-mnist", full.classes, full.labels[400:600], full.pixels[400:600], None,
+                          full.mean, full.std)
+    model, meta = train_teacher("convnet3", sl, test, epochs=1, batch_size=100, quiet=True)
+    assert meta["test_accuracy"] > 0.15  # above chance (0.1) after 4 steps
+    save_teacher(model, meta, tmp_path / "t.pt")
+    out = tmp_path / "fm"
+    argv = ["distill", "--dataset", "fashion-mnist", "--teacher", str(tmp_path / "t.pt"), "--ipc", "1",
+            "--out", str(out), "--iterations", "2", "--mipc", "4", "--num-crop", "2", "--batch-size", "10",
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    images = torch.load(out / "images.pt")
+    assert images.shape == (10, 1, 28, 28) and torch.load(out / "labels.pt").tolist() == list(range(10))
+    assert (out / "images" / "T-shirt_top" / "0.png").is_file()
+    assert (out / "images" / "Ankle boot" / "0.png").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data_dir"] is None and cfg["dataset"] == "fashion-mnist" and cfg["mean"] == [0.286]
