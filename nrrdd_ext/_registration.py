@@ -114,13 +114,28 @@ def _mask_setup(ctx, inputs, output):
     ctx.save_for_backward(cam)
 
 
+def _interp_matrix(out_size, in_size, dtype, device):
+    """R (out, in) with R @ v = bilinear upsampling of v (align_corners=False)."""
+    dst = torch.arange(out_size, device=device, dtype=dtype)
+    src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    i0 = src.floor().clamp_max(in_size - 1)
+    w1 = (src - i0).clamp(0, 1)
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    eye = torch.eye(in_size, device=device, dtype=dtype)
+    return eye[i0] * (1 - w1)[:, None] + eye[i1] * w1[:, None]
+
+
 def _mask_backward(ctx, grad):
+    """Upsampling is Ry @ cam @ Rx^T, so its adjoint is Ry^T @ g @ Rx."""
     (cam,) = ctx.saved_tensors
-    up = F.interpolate(cam.unsqueeze(1), size=tuple(ctx.size), mode="bilinear", align_corners=False)
-    g_up = torch.where(ctx.eps - up > 0, -grad, torch.zeros_like(grad))
-    g_cam = torch.ops.aten.upsample_bilinear2d_backward(
-        g_up, list(ctx.size), list(up.shape[:2]) + list(cam.shape[1:]), False)
-    return g_cam.squeeze(1), None, None
+    H, W = ctx.size
+    acc = _acc_dtype(cam)
+    ry = _interp_matrix(H, cam.shape[1], acc, cam.device)
+    rx = _interp_matrix(W, cam.shape[2], acc, cam.device)
+    up = ry @ cam.to(acc) @ rx.T
+    g_up = torch.where(ctx.eps - up > 0, -grad[:, 0].to(acc), torch.zeros_like(up))
+    return (ry.T @ g_up @ rx).to(cam.dtype), None, None
 
 
 torch.library.register_autograd(lib + "non_critical_mask", _mask_backward, setup_context=_mask_setup)
