@@ -155,10 +155,11 @@ class Refiner:
             replay = r.capture(st)     # CUDA only: replay() runs one iteration
     """
 
-    def __init__(self, teacher: nn.Module, config: RefineConfig = RefineConfig(),
+    def __init__(self, teacher: nn.Module, config: Optional[RefineConfig] = None,
                  clamp_min: Optional[torch.Tensor] = None, clamp_max: Optional[torch.Tensor] = None):
         import nrrdd_ext
 
+        config = RefineConfig() if config is None else config
         self.ext = nrrdd_ext
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():

@@ -5,6 +5,7 @@ See :mod:`nrrdd.distill` for the files written, resume and the work units.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from nrrdd.errors import UsageError
 
@@ -76,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, cam_eps=args.cam_eps, r=args.r, alpha_lr=args.alpha_lr,
         alpha_bn=args.alpha_bn, first_bn_multiplier=args.first_bn_multiplier,
         log_every=args.log_every, quiet=args.quiet)
-    res = distill(settings, resume=args.resume, force=args.force)
+    try:
+        res = distill(settings, resume=args.resume, force=args.force)
+    except KeyboardInterrupt:
+        print(f"nrrdd distill: interrupted; finished work is saved in {args.out}: rerun with "
+              "--resume to continue", file=sys.stderr)
+        return 130
     t = res.timings
     if not args.quiet:
         stages = ", ".join(f"{k} {t[k]:.1f}s" for k in ("load", "cidd", "refine", "write", "total") if k in t)
