@@ -125,7 +125,7 @@ def test_iteration_is_the_masked_adam_step_of_the_reference():
             mask = reference.non_critical_mask(feats, model.classifier_weight(), y, (12, 12), cfg.cam_eps)
             frozen = (mask == 0).expand_as(x_ref) & (x_before > -1.5) & (x_before < 2.0)
             assert bool(frozen.any()) and torch.equal(st.x.detach()[frozen], x_before[frozen])
-            assert float(st.x.min()) >= -1.5 and float(st.x.max()) <= 2.0
+            assert float(st.x.detach().min()) >= -1.5 and float(st.x.detach().max()) <= 2.0
         assert float(st.step) == 3.0
 
 
