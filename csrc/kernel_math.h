@@ -73,6 +73,12 @@ NRRDD_HD T clamp_optional(T x, const float* lo, const float* hi, int64_t c) {
   return x;
 }
 
+// max(0, d - r) that keeps NaN (a NaN distance gives a NaN loss, as in PyTorch).
+template <typename T>
+NRRDD_HD T hinge(T d, T r) {
+  return d > r ? d - r : (d != d ? d : T(0));
+}
+
 template <typename T>
 NRRDD_HD T sign_of(T v) {
   return static_cast<T>((v > T(0)) - (v < T(0)));
@@ -84,7 +90,7 @@ NRRDD_HD T sign_of(T v) {
 template <typename T>
 NRRDD_HD T dbr_row(T d_org, T d_aug, bool has_targets, T t_org, T t_aug, T r, T alpha,
                    T* coef) {
-  T loss = (d_org > r ? d_org - r : T(0)) + (d_aug > r ? d_aug - r : T(0));
+  T loss = hinge(d_org, r) + hinge(d_aug, r);
   T s_org = T(0), s_aug = T(0);
   if (has_targets) {
     loss += alpha * (fabs(d_org - t_org) + fabs(d_aug - t_aug));

@@ -21,6 +21,7 @@ acc_t row_logsumexp(const scalar_t* row, int64_t V) {
   for (int64_t j = 0; j < V; ++j) {
     const acc_t v = static_cast<acc_t>(row[j]);
     if (std::isnan(v)) return v;
+    if (v == -std::numeric_limits<acc_t>::infinity()) continue;  // a masked class adds 0
     if (v > m) {
       s = s * std::exp(m - v) + acc_t(1);
       m = v;

@@ -20,6 +20,7 @@ constexpr int kRowsPerBlock = 8;
 
 template <typename acc_t>
 __device__ __forceinline__ void lse_push(acc_t& m, acc_t& s, acc_t v) {
+  if (v == -INFINITY) return;  // a masked class adds 0
   if (v > m) {
     s = s * exp(m - v) + acc_t(1);
     m = v;
