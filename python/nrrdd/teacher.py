@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ from nrrdd.errors import UsageError
 from nrrdd.models import SMALL_IMAGE_MAX, build_model, known_arch
 
 CHECKPOINT_FORMAT = "nrrdd-teacher-v1"
+LOG_STEPS = 100  # a progress line every this many steps when no progress bar is shown
 
 
 def progress_enabled(quiet: bool) -> bool:
@@ -81,7 +82,7 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
                   device: torch.device | str = "cpu", seed: int = 0, batch_size: int = 128,
                   lr: Optional[float] = None, optimizer: str = "sgd",
                   weight_decay: Optional[float] = None, quiet: bool = False,
-                  log=print) -> Tuple[nn.Module, Dict[str, Any]]:
+                  log: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train ``arch`` on ``train`` for ``epochs``; returns (model in eval mode, meta).
 
     ``meta`` is the checkpoint's metadata, with the test accuracy on ``test``.
@@ -89,6 +90,7 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
     """
     from tqdm import tqdm
 
+    log = log or (lambda msg: print(msg, flush=True))
     if optimizer not in ("sgd", "adamw"):
         raise UsageError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
     if epochs < 1:
@@ -127,6 +129,10 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
             loss_sum += float(loss.detach()) * y.numel()
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            step = seen // batch_size
+            if bar.disable and not quiet and step % LOG_STEPS == 0:
+                log(f"epoch {epoch + 1}/{epochs} step {step}/{steps_per_epoch}: "
+                    f"train loss {loss_sum / seen:.4f}, {time.perf_counter() - start:.0f}s")
         if not quiet:
             log(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f}, "
                 f"train acc {correct / seen:.4f}, {time.perf_counter() - start:.0f}s")
