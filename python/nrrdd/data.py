@@ -321,7 +321,7 @@ def _image_folder(data_dir, split: str, image_size: Optional[int]) -> ImageSet:
     if first is None:
         raise UsageError(f"no images found under {train_root}")
     with Image.open(first) as im:
-        gray = im.mode in ("1", "L", "I", "I;16", "F")
+        gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
     mean, std = NORMALIZATION["imagefolder-gray" if gray else "imagefolder"]
     return FolderImageSet("imagefolder", classes, torch.tensor(labels, dtype=torch.int64), paths,
                           1 if gray else 3, image_size or DEFAULT_FOLDER_SIZE, mean, std)
