@@ -1,0 +1,145 @@
+"""``nrrdd run`` end to end on a tiny made-up image folder, every method, bad input; ``nrrdd report``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nrrdd.cli import main
+from nrrdd.data import DEBIAN_FASHION_MNIST, load_split, normalize
+from nrrdd_toy import fresh_seed, make_imagefolder
+
+SIZE = 16
+TINY = ["--image-size", str(SIZE), "--ipc", "2", "--iterations", "2", "--mipc", "6", "--factor", "1",
+        "--epochs", "2", "--teacher-epochs", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("toy") / "data", 3, 10, 5, SIZE, seed=fresh_seed())
+
+
+@pytest.fixture(scope="module")
+def first_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc = main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
+               "--preset", "quick", "--labels", "dbr,onehot", "--export-ddranking", *TINY])
+    return rc, out
+
+
+def test_quick_preset_end_to_end(first_run, data):
+    rc, out = first_run
+    assert rc == 0
+    for f in ("teacher.pt", "run.json", "report.md", "distilled/images.pt", "distilled/labels.pt",
+              "distilled/config.json", "distilled/labels_dbr/manifest.json", "distilled/eval_dbr_convnet3.json",
+              "distilled/eval_onehot_convnet3.json", "ddranking/images.pt", "ddranking/labels.pt",
+              "ddranking/soft_labels.pt"):
+        assert (out / f).is_file(), f
+    run = json.loads((out / "run.json").read_text())
+    ev = json.loads((out / "distilled" / "eval_dbr_convnet3.json").read_text())
+    assert run["top1"]["dbr"] == ev["top1"] and len(ev["top1"]) == 1
+    assert ev["method"] == "nrr" and ev["preset"] == "quick" and ev["epochs"] == 2
+    # 15 test images: the top-1 is a multiple of 100/15
+    assert abs(ev["top1"][0] * 15 / 100 - round(ev["top1"][0] * 15 / 100)) < 1e-9
+    images = torch.load(out / "distilled" / "images.pt")
+    assert images.shape == (6, 1, SIZE, SIZE)
+    assert run["label_bytes"] == {"dbr": 6 * 2 * 4, "onehot": 0}
+    assert torch.equal(torch.load(out / "ddranking" / "images.pt"), images)
+    assert torch.load(out / "ddranking" / "soft_labels.pt").shape == (6, 3)
+    table = (out / "report.md").read_text()
+    assert "| imagefolder | nrr | 2 | dbr | convnet3 |" in table
+    assert f"{ev['top1_mean']:.2f} ± 0.00 (n=1)" in table
+    # the same folder again: refused without --resume, nothing to redo with it
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), *TINY]) == 2
+
+
+def test_resume_reuses_everything(first_run, data):
+    rc, out = first_run
+    before = json.loads((out / "run.json").read_text())
+    teacher_mtime = (out / "teacher.pt").stat().st_mtime_ns
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
+                 "--labels", "dbr,onehot", "--resume", *TINY]) == 0
+    after = json.loads((out / "run.json").read_text())
+    assert (out / "teacher.pt").stat().st_mtime_ns == teacher_mtime
+    assert after["top1"] == before["top1"]
+
+
+@pytest.mark.parametrize("method", ["cidd", "rded", "sre2l", "random"])
+def test_every_method(first_run, data, tmp_path, method):
+    teacher = first_run[1] / "teacher.pt"
+    out = tmp_path / method
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
+                 "--method", method, "--teacher", str(teacher), "--labels", "soft", *TINY]) == 0
+    config = json.loads((out / "distilled" / "config.json").read_text())
+    assert config["method"] == method
+    ev = json.loads((out / "distilled" / "eval_soft_convnet3.json").read_text())
+    assert ev["method"] == method and ev["labels"] == "soft"
+    assert not (out / "teacher.pt").exists()  # the given teacher was used
+    if method == "random":
+        train = load_split("imagefolder", data, "train", SIZE)
+        expect = normalize(train.get(config["source_indices"]), config["mean"], config["std"])
+        assert torch.allclose(torch.load(out / "distilled" / "images.pt"), expect)
+        assert torch.equal(torch.load(out / "distilled" / "labels.pt"), train.labels[config["source_indices"]])
+    else:
+        refine = config["refine"]
+        assert config["settings"]["select"] == ("highest" if method == "rded" else "lowest")
+        assert config["settings"]["iterations"] == (0 if method in ("cidd", "rded") else 2)
+        assert refine["mask"] == ("none" if method == "sre2l" else "cam")
+
+
+def test_online_and_compact(first_run, data, tmp_path):
+    teacher = first_run[1] / "teacher.pt"
+    out = tmp_path / "online"
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
+                 "--teacher", str(teacher), "--labels", "compact", "--online", *TINY]) == 0
+    ev = json.loads((out / "distilled" / "eval_compact-online_convnet3.json").read_text())
+    assert ev["online"] and ev["label_bytes"] == 0
+    assert not (out / "distilled" / "labels_compact").exists()
+
+
+def test_bad_input_exits_2_before_work(data, tmp_path, capsys):
+    def run(*a):
+        return main(["run", "--out", str(tmp_path / "o"), *TINY, *a])
+
+    assert run("--dataset", "mnist-ish", "--data-dir", str(data)) == 2
+    assert run("--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")) == 2
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--labels", "dbr,hard") == 2
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--labels", "onehot", "--online") == 2
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--student", "no-such-net") == 2
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--ipc", "11") == 2  # 10 per class
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--mipc", "1") == 2  # pool too small
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--teacher", str(tmp_path / "t.pt")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 8 and all(e.startswith("nrrdd run: error: ") for e in err)
+    assert not (tmp_path / "o" / "teacher.pt").exists()
+
+
+def test_report_collects_eval_files(first_run, capsys, tmp_path):
+    out = first_run[1]
+    assert main(["report", str(out), "--out", str(tmp_path / "r.md")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "r.md").read_text()
+    lines = printed.strip().splitlines()
+    assert lines[0] == "| dataset | method | IPC | labels | student | top-1 (%) | label bytes |"
+    assert len(lines) == 4  # header, rule, dbr, onehot
+    assert "48 B (0.667× soft)" in printed
+    assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
+                    and not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte").is_file(),
+                    reason=f"real Fashion-MNIST not installed at {DEBIAN_FASHION_MNIST} "
+                           "(Debian package dataset-fashion-mnist)")
+def test_real_fashion_mnist_smoke(tmp_path):
+    """The whole pipeline on real Fashion-MNIST, shrunk to seconds (the student's top-1 is
+    still measured on all 10,000 real test images, at 14 px to keep it quick)."""
+    out = tmp_path / "fm"
+    assert main(["run", "--dataset", "fashion-mnist", "--out", str(out), "--preset", "quick", "--image-size", "14",
+                 "--teacher-train-images", "500", "--teacher-test-images", "200", "--ipc", "1",
+                 "--iterations", "1", "--mipc", "4", "--epochs", "2", "--device", "cpu", "--quiet"]) == 0
+    ev = json.loads((out / "distilled" / "eval_dbr_convnet3.json").read_text())
+    assert ev["dataset"] == "fashion-mnist" and ev["num_images"] == 10
+    assert abs(ev["top1"][0] * 100 - round(ev["top1"][0] * 100)) < 1e-6  # k / 10,000 test images
+    assert json.loads((out / "distilled" / "labels_dbr" / "manifest.json").read_text())["bytes_stored"] == 10 * 2 * 4
