@@ -14,7 +14,7 @@ from nrrdd.cli import main
 from nrrdd.distilled_set import load_distilled
 from nrrdd.relabel import relabel
 from nrrdd.teacher import load_teacher
-from nrrdd_toy import fresh_seed, make_distilled, make_imagefolder, make_teacher
+from nrrdd_toy import fresh_seed, make_distilled, make_teacher
 
 CLASSES, IPC, SIZE = 3, 5, 16  # 15 images
 

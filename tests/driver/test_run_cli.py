@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -136,8 +135,8 @@ def test_real_fashion_mnist_smoke(tmp_path):
     """The whole pipeline on real Fashion-MNIST, shrunk to seconds (the student's top-1 is
     still measured on all 10,000 real test images, at 14 px to keep it quick)."""
     out = tmp_path / "fm"
-    assert main(["run", "--dataset", "fashion-mnist", "--out", str(out), "--preset", "quick", "--image-size", "14",
-                 "--teacher-train-images", "500", "--teacher-test-images", "200", "--ipc", "1",
+    assert main(["run", "--dataset", "fashion-mnist", "--out", str(out), "--preset", "quick",
+                 "--image-size", "14", "--teacher-train-images", "500", "--teacher-test-images", "200", "--ipc", "1",
                  "--iterations", "1", "--mipc", "4", "--epochs", "2", "--device", "cpu", "--quiet"]) == 0
     ev = json.loads((out / "distilled" / "eval_dbr_convnet3.json").read_text())
     assert ev["dataset"] == "fashion-mnist" and ev["num_images"] == 10
