@@ -68,7 +68,8 @@ def _inputs(batch, channels, size, classes, dev):
     return x0, y, g
 
 
-def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int) -> dict:
+def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int,
+             profile: str = None) -> dict:
     import nrrdd_ext
     from nrrdd.models import cam_interface
     from nrrdd.refine import RefineConfig, Refiner, cutmix
@@ -133,11 +134,32 @@ def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int) 
 
     ms = median_ms(step, dev, iters, warmup=3 if dev.type == "cuda" else 1)
     row = dict(config=config, mode=mode, batch=batch, ms=round(ms, 3))
+    if profile:
+        _profile(step, dev, f"{config} {mode}", profile)
     if dev.type == "cuda":
         row["peak_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
     else:
         row["peak_RSS_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return row
+
+
+def _profile(step, dev, title, path, iters=5):
+    """Where one iteration's time goes: torch.profiler's op table, by device and by
+    CPU time, appended to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(iters):
+            step(i)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    avg = prof.key_averages()
+    with open(path, "a") as f:
+        f.write(f"\n## {title} ({iters} iterations)\n")
+        if dev.type == "cuda":
+            f.write(avg.table(sort_by="self_cuda_time_total", row_limit=25) + "\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
 
 
 def _run_isolated(args):
@@ -153,6 +175,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument("--profile", metavar="PATH",
+                   help="append a torch.profiler op table of each config and mode to PATH")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     configs = args.config or (list(CONFIGS) if dev.type == "cuda" else ["convnet3-28"])
@@ -163,10 +187,11 @@ def main(argv=None):
     for config in configs:
         for mode in modes:
             if dev.type == "cuda":
-                row = run_mode(config, mode, dev, args.batch, args.iters)
+                row = run_mode(config, mode, dev, args.batch, args.iters, args.profile)
             else:  # a fresh process per mode, so its peak RSS is its own
                 with mp.get_context("spawn").Pool(1) as pool:
-                    row = pool.apply(_run_isolated, ((config, mode, dev, args.batch, args.iters),))
+                    row = pool.apply(_run_isolated,
+                                     ((config, mode, dev, args.batch, args.iters, args.profile),))
             rows.append(row)
             print(row, flush=True)
     by = {(r["config"], r["mode"]): r for r in rows}

@@ -41,6 +41,22 @@ def median_ms(fn: Callable[[int], None], device: torch.device, iters: int, warmu
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[int], None], device: torch.device, iters: int, reps: int = 10) -> float:
+    """Median GPU milliseconds of one fn(i) call, from replays of a CUDA graph that
+    holds ``reps`` calls (i = 0 .. reps-1): the device time without launch overhead."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    return median_ms(lambda i: graph.replay(), device, iters, warmup=2) / reps
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30, iters: int = 20) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     n = nbytes // 4

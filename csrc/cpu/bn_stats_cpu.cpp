@@ -113,13 +113,34 @@ at::Tensor bn_stat_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = v.x.data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
-    at::parallel_for(0, total, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = (i / inner) % C;
-        const acc_t a = static_cast<acc_t>(g * cp[c]), b = static_cast<acc_t>(g * cp[C + c]);
-        op[i] = static_cast<scalar_t>(a + b * (static_cast<acc_t>(xp[i]) - static_cast<acc_t>(mp[c])));
-      }
-    });
+    // per channel: dL/dx = a_c + b_c (x - mean_c), a = g A_c, b = g B_c (not folded
+    // into one offset: x - mean first keeps precision when the mean is large)
+    std::vector<acc_t> a(C), b(C), mu(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = static_cast<acc_t>(g * cp[c]);
+      b[c] = static_cast<acc_t>(g * cp[C + c]);
+      mu[c] = static_cast<acc_t>(mp[c]);
+    }
+    const int64_t rows = total / (C * inner);
+    if (inner > 1) {  // (N, C, S): one (n, c) plane at a time, no index division
+      at::parallel_for(0, rows * C, std::max<int64_t>(1, 32768 / inner), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c = p % C;
+          const acc_t ac = a[c], bc = b[c], mc = mu[c];
+          const scalar_t* xs = xp + p * inner;
+          scalar_t* os = op + p * inner;
+          for (int64_t i = 0; i < inner; ++i) os[i] = static_cast<scalar_t>(ac + bc * (static_cast<acc_t>(xs[i]) - mc));
+        }
+      });
+    } else {  // (rows, C): channels-last
+      at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* xs = xp + r * C;
+          scalar_t* os = op + r * C;
+          for (int64_t c = 0; c < C; ++c) os[c] = static_cast<scalar_t>(a[c] + b[c] * (static_cast<acc_t>(xs[c]) - mu[c]));
+        }
+      });
+    }
   });
   return gx;
 }
