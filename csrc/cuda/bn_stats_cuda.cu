@@ -20,9 +20,7 @@ namespace {
 
 constexpr int kPlaneThreads = 256;
 
-// Layout (outer, C, inner), inner > 1. grid = (C, splits): a block sums the planes
-// [o0, o1) of channel c, VEC elements per load. Large planes are walked plane by
-// plane (no index division); planes smaller than the block are flattened.
+// Layout (outer, C, inner), inner > 1. grid = (C, splits). VEC elements per load.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kPlaneThreads) plane_sums_kernel(
     const scalar_t* __restrict__ x, acc_t* __restrict__ partial, int64_t outer, int64_t C,
@@ -33,32 +31,16 @@ __global__ void __launch_bounds__(kPlaneThreads) plane_sums_kernel(
   const acc_t shift = static_cast<acc_t>(x[c * inner]);
   const int64_t per_plane = inner / VEC;
   const int64_t o0 = outer * split / splits, o1 = outer * (split + 1) / splits;
+  const int64_t n = (o1 - o0) * per_plane;
   acc_t s1 = 0, s2 = 0;
-  auto add = [&](const V& val) {
+  for (int64_t j = threadIdx.x; j < n; j += kPlaneThreads) {
+    const int64_t o = o0 + j / per_plane, i = j % per_plane;
+    const V val = reinterpret_cast<const V*>(x + (o * C + c) * inner)[i];
 #pragma unroll
     for (int t = 0; t < VEC; ++t) {
       const acc_t d = static_cast<acc_t>(val.v[t]) - shift;
       s1 += d;
       s2 += d * d;
-    }
-  };
-  if (per_plane >= kPlaneThreads) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const V* plane = reinterpret_cast<const V*>(x + (o * C + c) * inner);
-      int64_t i = threadIdx.x;
-      for (; i + kPlaneThreads < per_plane; i += 2 * kPlaneThreads) {
-        const V a = plane[i], b = plane[i + kPlaneThreads];  // two loads in flight
-        add(a);
-        add(b);
-      }
-      if (i < per_plane) add(plane[i]);
-    }
-  } else {
-    const uint32_t pp = static_cast<uint32_t>(per_plane);
-    const uint32_t n = static_cast<uint32_t>((o1 - o0) * per_plane);
-    for (uint32_t j = threadIdx.x; j < n; j += kPlaneThreads) {
-      const int64_t o = o0 + j / pp, i = j % pp;
-      add(reinterpret_cast<const V*>(x + (o * C + c) * inner)[i]);
     }
   }
   s1 = block_sum(s1, scratch);
@@ -205,52 +187,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cuda(
   return {loss, mean, var, coef};
 }
 
-// dL/dx = g (A_c + B_c (x - mean_c)). LAYOUT 0: the VEC elements of a load share
-// one channel (inner % VEC == 0); 1: channels-last (inner == 1, consecutive
-// channels); 2: anything else (a channel per element). index_t is int32 when the
-// tensor allows, so the index arithmetic stays cheap.
-template <typename scalar_t, typename acc_t, typename index_t, int VEC, int LAYOUT>
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(256) bn_backward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ gx, const acc_t* __restrict__ g,
-    const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, index_t total, index_t C,
-    index_t inner) {
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, int64_t total, int64_t C,
+    int64_t inner) {
   using V = Vec<scalar_t, VEC>;
   const acc_t gl = *g;
-  const index_t n_vec = total / VEC;
-  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n_vec;
-       i += index_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total / VEC;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const V xv = reinterpret_cast<const V*>(x)[i];
     V out;
-    index_t c = LAYOUT == 0 ? (i * VEC / inner) % C : (LAYOUT == 1 ? (i * VEC) % C : 0);
 #pragma unroll
     for (int t = 0; t < VEC; ++t) {
-      if (LAYOUT == 2) c = ((i * VEC + t) / inner) % C;
+      const int64_t c = ((i * VEC + t) / inner) % C;
       out.v[t] = static_cast<scalar_t>(gl * (coef[c] + coef[C + c] * (static_cast<acc_t>(xv.v[t]) - mean[c])));
-      if (LAYOUT == 1 && ++c == C) c = 0;
     }
     reinterpret_cast<V*>(gx)[i] = out;
   }
-}
-
-template <typename scalar_t, typename acc_t, typename index_t>
-void launch_bn_backward(const scalar_t* xp, scalar_t* op, const at::Tensor& g, const at::Tensor& mean,
-                        const at::Tensor& coef, int64_t total, int64_t C, int64_t inner) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int threads = 256;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const acc_t* gp = g.data_ptr<acc_t>();
-  const acc_t* mp = mean.data_ptr<acc_t>();
-  const acc_t* cp = coef.data_ptr<acc_t>();
-  const bool vec = total % kVec == 0 && aligned_for<kVec>(xp, static_cast<const scalar_t*>(op));
-  auto go = [&](auto kernel, int width) {
-    kernel<<<elementwise_blocks(total / width, threads), threads, 0, stream>>>(
-        xp, op, gp, mp, cp, index_t(total), index_t(C), index_t(inner));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (!vec) go(bn_backward_kernel<scalar_t, acc_t, index_t, 1, 0>, 1);
-  else if (inner % kVec == 0) go(bn_backward_kernel<scalar_t, acc_t, index_t, kVec, 0>, kVec);
-  else if (inner == 1) go(bn_backward_kernel<scalar_t, acc_t, index_t, kVec, 1>, kVec);
-  else go(bn_backward_kernel<scalar_t, acc_t, index_t, kVec, 2>, kVec);
 }
 
 at::Tensor bn_stat_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
@@ -264,14 +218,21 @@ at::Tensor bn_stat_loss_backward_cuda(const at::Tensor& grad_loss, const at::Ten
   const auto acc = acc_type(x_in);
   at::Tensor g = grad_loss.to(acc).contiguous(), mean = mean_in.to(acc).contiguous(),
              coef = coef_in.to(acc).contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "bn_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* xp = v.x.data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
-    if (total < (int64_t(1) << 31) - 1024)
-      launch_bn_backward<scalar_t, acc_t, int32_t>(xp, op, g, mean, coef, total, v.C, v.inner);
-    else
-      launch_bn_backward<scalar_t, acc_t, int64_t>(xp, op, g, mean, coef, total, v.C, v.inner);
+    const int threads = 256;
+    if (total % kVec == 0 && aligned_for<kVec>(xp, static_cast<const scalar_t*>(op))) {
+      bn_backward_kernel<scalar_t, acc_t, kVec><<<elementwise_blocks(total / kVec, threads), threads, 0, stream>>>(
+          xp, op, g.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), coef.data_ptr<acc_t>(), total, v.C, v.inner);
+    } else {
+      bn_backward_kernel<scalar_t, acc_t, 1><<<elementwise_blocks(total, threads), threads, 0, stream>>>(
+          xp, op, g.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), coef.data_ptr<acc_t>(), total, v.C, v.inner);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gx;
 }
