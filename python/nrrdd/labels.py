@@ -218,7 +218,8 @@ def check_manifest(manifest: dict, *, mode: str, num_images: int, fingerprint: s
                    num_classes: int, seed: Optional[int], epochs: Optional[int], where: Path) -> None:
     """Raise :class:`UsageError` when a labels folder does not belong to this request."""
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"{where} has labels format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+        raise UsageError(f"{where} has labels format {manifest.get('format_version')}, "
+                         f"expected {FORMAT_VERSION}")
     if manifest.get("mode") != mode:
         raise UsageError(f"{where} holds {manifest.get('mode')!r} labels, not {mode!r}")
     if manifest.get("num_images") != num_images or manifest.get("images_sha256") != fingerprint:

@@ -85,5 +85,6 @@ def report(paths: Iterable[str | Path]) -> str:
     if not files:
         raise UsageError("no eval_*.json files found (run `nrrdd evaluate` first)")
     rows = sorted((row(f) for f in files),
-                  key=lambda r: (str(r["dataset"]), str(r["method"]), str(r["IPC"]), r["labels"], r["student"]))
+                  key=lambda r: (str(r["dataset"]), str(r["method"]), str(r["IPC"]), r["labels"],
+                                 r["student"]))
     return markdown_table(rows)

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="students to train (init seeds 0..N-1)")
     p.add_argument("--seed", type=int, default=None,
                    help="augmentation replay seed (default: the labels' seed, else 0)")
-    p.add_argument("--batch-size", type=int, default=100, help="for --online / onehot without a labels folder")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="for --online / onehot without a labels folder")
     p.add_argument("--mix", choices=("cutmix", "mixup", "none"), default="cutmix",
                    help="for --online / onehot without a labels folder")
     p.add_argument("--min-scale", type=float, default=None,
@@ -118,7 +119,8 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
         raise UsageError(f"the {dataset} test set has {test.in_channels} channels, the distilled "
                          f"images {ds.in_channels}")
     if int(ds.labels.max()) >= num_classes:
-        raise UsageError(f"the distilled set has label {int(ds.labels.max())}, the data {num_classes} classes")
+        raise UsageError(f"the distilled set has label {int(ds.labels.max())}, "
+                         f"the data {num_classes} classes")
     build_model(args.student, num_classes, ds.in_channels, ds.image_size)  # fails here, not mid-run
     mean = ds.config.get("mean") or list(test.mean)
     std = ds.config.get("std") or list(test.std)

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     student = args.student or meta["arch"]
     timings["teacher"] = time.perf_counter() - t
     acc = meta.get("test_accuracy")
-    say(f"teacher: {meta['arch']}, test accuracy {acc:.4f}" if acc is not None else f"teacher: {meta['arch']}")
+    say(f"teacher: {meta['arch']}" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
 
     # 2. distilled images
     t = time.perf_counter()
@@ -248,8 +248,8 @@ def run(args: argparse.Namespace) -> int:
         iterations = 0 if args.method in ("cidd", "rded") else P["iterations"]
         settings = DistillSettings(
             dataset=args.dataset, teacher=str(teacher_path), ipc=P["ipc"], out=str(dist),
-            data_dir=args.data_dir, image_size=args.image_size, iterations=iterations, factor=P["factor"], mipc=P["mipc"],
-            num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
+            data_dir=args.data_dir, image_size=args.image_size, iterations=iterations, factor=P["factor"],
+            mipc=P["mipc"], num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
             mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
             device=str(device), method=args.method, quiet=args.quiet)
         distill(settings, resume=args.resume, log=say)
