@@ -2,7 +2,8 @@
 
 Protocol (paper Appendix A.2, RDED's validation code): AdamW (lr 1e-3, weight
 decay 0.01 on the weight matrices/kernels only, as RDED's ``get_parameters``),
-a cosine schedule per epoch lr_e = lr · ½(1 + cos(π e / E)), batch 100, 300
+a cosine schedule per epoch lr_e = lr · ½(1 + cos(π e / E)) (RDED's code uses
+the half period ½(1 + cos(π e / 2E)); the appendix says cosine), batch 100, 300
 epochs, and the replayed augmentation of ``nrrdd.augment`` — exactly the x_mix the
 relabel step labelled. The student starts from scratch (``build_model``; its arch
 may differ from the teacher's, Table 3) with its own init seed per run, and is
