@@ -133,3 +133,16 @@ def test_train_teacher_cli(idx_dir, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and out.read_bytes() == before
     assert main(argv[:-1] + ["--arch", "nonsense_net_3", "--force", "--quiet"]) == 2
     assert out.read_bytes() == before
+
+
+def test_teacher_augmentation_modes():
+    from nrrdd.teacher import augment_batch
+
+    x = torch.randn(16, 1, 8, 8)
+    flips = augment_batch(x, torch.Generator().manual_seed(0), "flip")
+    assert all(torch.equal(flips[i], x[i]) or torch.equal(flips[i], x[i].flip(2)) for i in range(16))
+    assert torch.equal(augment_batch(x, torch.Generator(), "none"), x)
+    crops = augment_batch(x, torch.Generator().manual_seed(0), "standard")
+    # a crop of the zero-padded image: every output row/column is a shifted copy or zeros
+    assert crops.shape == x.shape and not torch.equal(crops, x)
+    assert torch.equal(crops, augment_batch(x, torch.Generator().manual_seed(0), "standard"))

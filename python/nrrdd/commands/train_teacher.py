@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="default 0.05 (sgd) / 1e-3 (adamw)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--augment", choices=("standard", "flip", "none"), default="standard",
+                   help="standard: random crop + flip (small images) or random resized crop + flip")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     model, meta = train_teacher(args.arch, train, test, epochs=args.epochs, device=device,
                                 seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                                 optimizer=args.optimizer, weight_decay=args.weight_decay,
-                                quiet=args.quiet)
+                                augment=args.augment, quiet=args.quiet)
     meta["data_dir"] = None if args.data_dir is None else str(Path(args.data_dir).resolve())
     save_teacher(model, meta, out)
     print(f"{args.arch} on {args.dataset}: test accuracy {meta['test_accuracy']:.4f} "
