@@ -11,7 +11,7 @@ augmentation, drawn per batch on the device:
 - ``augment='flip'``: the flip only; ``'none'``: nothing. Measured on Fashion-MNIST
   (ConvNet-3, SGD lr 0.05, 2-core CPU): 'standard' for 6 epochs reached 90.23% test
   accuracy (train accuracy 90.3%: underfitting, the crops cost more than they
-  regularise on so short a schedule); see the project's docs for the 'flip' run.
+  regularise on so short a schedule).
 
 The checkpoint (``save_teacher``) is a dict of plain values and the state dict,
 so it loads with ``torch.load(weights_only=True)``.
