@@ -3,7 +3,8 @@
 Each command lives in its own module and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``. Modules are imported only when their command runs, so
 ``nrrdd --help`` is instant. A :class:`nrrdd.errors.UsageError` becomes a
-one-line ``nrrdd: error: ...`` and exit code 2.
+one-line ``nrrdd: error: ...`` and exit code 2. Under ``torchrun``, ``distill``,
+``relabel`` and ``evaluate`` join the process group first (``nrrdd.distributed``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ COMMANDS = {
     "run": ("nrrdd.commands.run", "the whole pipeline: teacher, distill, relabel, evaluate"),
     "report": ("nrrdd.commands.report", "collect eval_*.json files into a markdown table"),
 }
+
+
+# commands that run under ``torchrun`` (``nrrdd.distributed``)
+DISTRIBUTED = ("distill", "relabel", "evaluate")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -42,10 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from nrrdd import distributed
     from nrrdd.errors import UsageError
 
+    multi, where = False, ""
     try:
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        if args.command in DISTRIBUTED:
+            multi = distributed.init_from_env(getattr(args, "device", None))
+            where = f" (rank {distributed.rank()} of {distributed.world()})" if multi else ""
+        elif distributed.env_world() > 1 and args.command in ("train-teacher", "run"):
+            raise UsageError(f"{args.command} runs in one process: start only "
+                             f"{', '.join(DISTRIBUTED)} with torchrun")
+        run = importlib.import_module(COMMANDS[args.command][0]).run
+        if multi:  # torchrun's failure summary then names the failing rank and its traceback
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            run = record(run)
+        code = int(run(args) or 0)
     except UsageError as e:
-        print(f"nrrdd {args.command}: error: {e}", file=sys.stderr)
+        print(f"nrrdd {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerFailed as e:
+        print(f"nrrdd {args.command}{where}: error: {e}", file=sys.stderr)
+        return 1
+    if multi:
+        distributed.destroy()
+    return code

@@ -22,6 +22,15 @@ layout); batch b is seeded from (seed, b) and saved atomically to
 finished unit, so an interrupted run resumed gives the same images as an
 uninterrupted one. After the final files are written, ``partial/`` is removed.
 
+Several ranks (``torchrun``, :mod:`nrrdd.distributed`): rank 0 alone decides
+what to do with the output folder and lists the units still to do; the ranks
+split them round-robin (CIDD classes, then refinement batches), each saving its
+finished units to ``partial/`` as above, with a barrier after each stage. Every
+unit's random draws come from (seed, class) or (seed, batch) only, and a batch
+reads just its own images from the CIDD files, so the images are the same
+whatever the number of ranks. Rank 0 then reads the partial files and writes
+the outputs. The output folder must be one folder every rank sees.
+
 Bad input raises :class:`nrrdd.errors.UsageError` before anything in the
 output folder is touched.
 """
@@ -38,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from nrrdd import distributed as D
 from nrrdd import storage
 from nrrdd.cidd import SELECT_MODES, cidd_class, factor_cells, generator_for, pool_size
 from nrrdd.errors import UsageError
@@ -99,7 +109,7 @@ class DistillSettings:
 @dataclass
 class DistillResult:
     out: Path
-    images: torch.Tensor
+    images: Optional[torch.Tensor]  # None on ranks other than 0 (nrrdd.distributed)
     labels: torch.Tensor
     timings: Dict[str, float] = field(default_factory=dict)
     resumed_units: int = 0
@@ -295,11 +305,26 @@ def _config(p: _Plan, status: str, timings: Dict[str, float], started: float) ->
                     "test_accuracy": meta.get("test_accuracy"), "num_classes": meta["num_classes"]},
         "teacher_path": meta["path"], "refine": s.refine_config().as_dict(),
         "versions": _versions(), "device": str(p.device), "command": sys.argv,
+        "world_size": D.world(),
         "started_unix": started, "timings": timings,
     }
 
 
 # --------------------------------------------------------------------- run
+def _load_initial(cidd_dir: Path, ipc: int, idx: torch.Tensor) -> torch.Tensor:
+    """The CIDD images of flat (class-major) indices ``idx``, read from the
+    per-class files (memory-mapped: only the rows asked for are read)."""
+    cls, slot = idx // ipc, idx % ipc
+    out: Optional[torch.Tensor] = None
+    for c in cls.unique().tolist():
+        images = torch.load(cidd_dir / f"{c:05d}.pt", mmap=True)["images"]
+        if out is None:
+            out = images.new_empty((idx.numel(), *images.shape[1:]))
+        sel = cls == c
+        out[sel] = images[slot[sel]]
+    return out
+
+
 def refine_batches(num_classes: int, ipc: int, batch_size: int) -> List[torch.Tensor]:
     """Flat (class-major) image indices of each refinement batch: slot-major
     across classes, ``batch_size`` per batch."""
@@ -319,39 +344,41 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     t0 = time.perf_counter()
     p = plan(settings)
     s, ds, device = p.settings, p.dataset, p.device
-    old = _prepare_out(p, resume, force)
     out = Path(s.out)
     timings: Dict[str, float] = {"load": time.perf_counter() - t0}
-    show = progress_enabled(s.quiet)
-    started = old.get("started_unix", time.time()) if old else time.time()
-    if old is not None and old.get("status") == "done" and (out / "images.pt").is_file():
-        if not s.quiet:
+    show = progress_enabled(s.quiet) and D.is_main()
+
+    def open_out():  # rank 0 only: the folder's fate, decided once
+        old = _prepare_out(p, resume, force)
+        started = old.get("started_unix", time.time()) if old else time.time()
+        finished = old is not None and old.get("status") == "done" and (out / "images.pt").is_file()
+        if not finished:
+            storage.write_json(_config(p, "running", timings, started), out / "config.json")
+        return old, started, finished
+
+    old, started, finished = D.on_main(open_out)
+    if finished:
+        if not s.quiet and D.is_main():
             log(f"{out} already holds this finished run; nothing to do")
-        return DistillResult(out, torch.load(out / "images.pt"), torch.load(out / "labels.pt"),
-                             old.get("timings", {}), resumed_units=-1)
-    storage.write_json(_config(p, "running", timings, started), out / "config.json")
+        return DistillResult(out, torch.load(out / "images.pt") if D.is_main() else None,
+                             torch.load(out / "labels.pt"), old.get("timings", {}), resumed_units=-1)
     resumed = 0
 
     # ---- CIDD, one class at a time
     t = time.perf_counter()
     nc, ipc = ds.num_classes, s.ipc
-    initial: List[torch.Tensor] = []
     cidd_dir = out / "partial" / "cidd"
-    for c in tqdm(range(nc), desc="CIDD", unit="class", disable=not show):
-        f = cidd_dir / f"{c:05d}.pt"
-        if f.is_file():
-            initial.append(torch.load(f)["images"])
-            resumed += 1
-            continue
+    todo = D.on_main(lambda: [c for c in range(nc) if not (cidd_dir / f"{c:05d}.pt").is_file()])
+    resumed += nc - len(todo)
+    for c in tqdm(D.shard(todo), desc="CIDD", unit="class", disable=not show):
         r = cidd_class(p.teacher, ds, c, ipc, s.seed, device, mipc=s.mipc, factor=s.factor,
                        num_crop=s.num_crop, top_t=s.top_t, select=s.select, batch_size=s.batch_size)
         unit = {"images": r.images.cpu(), "patch_confidence": r.patch_confidence.cpu(),
                 "patch_source": r.patch_source, "patch_box": r.patch_box}
-        storage.save_torch(unit, f)
-        initial.append(unit["images"])
+        storage.save_torch(unit, cidd_dir / f"{c:05d}.pt")
         if on_unit:
             on_unit("cidd", c)
-    x0 = torch.cat(initial)
+    D.barrier()
     labels = torch.arange(nc).repeat_interleave(ipc)
     timings["cidd"] = time.perf_counter() - t
 
@@ -359,40 +386,46 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     t = time.perf_counter()
     lo, hi = ds.pixel_bounds(device)
     refiner = Refiner(p.teacher, s.refine_config(), lo, hi)
-    final = x0.clone()
-    masks = torch.zeros(x0.shape[0], 1, *x0.shape[2:])
     refine_dir = out / "partial" / "refine"
     batches = refine_batches(nc, ipc, s.batch_size)
-    for b, idx in enumerate(tqdm(batches, desc="NRR", unit="batch", disable=not show)):
-        f = refine_dir / f"{b:05d}.pt"
-        if f.is_file():
-            unit = torch.load(f)
-            resumed += 1
+    todo = D.on_main(lambda: [b for b in range(len(batches)) if not (refine_dir / f"{b:05d}.pt").is_file()])
+    resumed += len(batches) - len(todo)
+    for b in tqdm(D.shard(todo), desc="NRR", unit="batch", disable=not show):
+        idx = batches[b]
+        xb, yb = _load_initial(cidd_dir, ipc, idx).to(device), labels[idx].to(device)
+        lines: List[dict] = []
+        if s.iterations > 0:
+            res = refiner.refine(xb, yb, generator_for(s.seed, "refine", b), progress=show,
+                                 desc=f"batch {b + 1}/{len(batches)}",
+                                 on_log=lambda rec: lines.append({"batch": b, **rec}))
+            xr, mb, secs = res.images, res.masks, res.seconds
         else:
-            xb, yb = x0[idx].to(device), labels[idx].to(device)
-            lines: List[dict] = []
-            if s.iterations > 0:
-                res = refiner.refine(xb, yb, generator_for(s.seed, "refine", b), progress=show,
-                                     desc=f"batch {b + 1}/{len(batches)}",
-                                     on_log=lambda rec: lines.append({"batch": b, **rec}))
-                xr, mb, secs = res.images, res.masks, res.seconds
-            else:
-                with refiner:
-                    xr, mb, secs = xb, refiner.masks(xb, yb), 0.0
-            unit = {"indices": idx, "images": xr.cpu(), "masks": mb.to(torch.float16).cpu(),
-                    "log": lines, "seconds": secs}
-            storage.save_torch(unit, f)
-            if on_unit:
-                on_unit("refine", b)
-        final[unit["indices"]] = unit["images"]
-        masks[unit["indices"]] = unit["masks"].float()
+            with refiner:
+                xr, mb, secs = xb, refiner.masks(xb, yb), 0.0
+        unit = {"indices": idx, "images": xr.cpu(), "masks": mb.to(torch.float16).cpu(),
+                "log": lines, "seconds": secs}
+        storage.save_torch(unit, refine_dir / f"{b:05d}.pt")
+        if on_unit:
+            on_unit("refine", b)
+    D.barrier()
     timings["refine"] = time.perf_counter() - t
+    if not D.is_main():  # rank 0 writes the outputs; the others wait for them
+        D.barrier()
+        return DistillResult(out, None, labels, timings, resumed)
 
-    # ---- outputs
+    # ---- outputs (rank 0)
     t = time.perf_counter()
     log_lines = []
+    final: Optional[torch.Tensor] = None
+    masks: Optional[torch.Tensor] = None
     for b in range(len(batches)):
-        log_lines += torch.load(refine_dir / f"{b:05d}.pt")["log"]
+        unit = torch.load(refine_dir / f"{b:05d}.pt")
+        if final is None:
+            final = unit["images"].new_empty((nc * ipc, *unit["images"].shape[1:]))
+            masks = torch.zeros(nc * ipc, 1, *unit["images"].shape[2:])
+        final[unit["indices"]] = unit["images"]
+        masks[unit["indices"]] = unit["masks"].float()
+        log_lines += unit["log"]
     storage.write_bytes("".join(json.dumps(r, sort_keys=True) + "\n" for r in log_lines).encode(),
                         out / "log.jsonl")
     if (out / "images").exists():
@@ -408,4 +441,5 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     storage.write_json(timings, out / "timings.json")
     storage.write_json(_config(p, "done", timings, started), out / "config.json")
     shutil.rmtree(out / "partial", ignore_errors=True)
+    D.barrier()
     return DistillResult(out, final, labels, timings, resumed)

@@ -157,6 +157,11 @@ class LabelStore:
             e += 1
         return e
 
+    def complete_epoch(self, epoch: int, num_images: int, flds: List[Field]) -> bool:
+        """Whether epoch ``epoch`` has a complete shard."""
+        path = self.shard_path(epoch)
+        return path.is_file() and path.stat().st_size == num_images * sum(f.width * f.itemsize for f in flds)
+
     def clear(self) -> None:
         if self.path.is_dir():
             for p in self.path.iterdir():

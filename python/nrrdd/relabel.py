@@ -5,8 +5,15 @@ For each epoch e < epochs and batch b, the mixed view x_mix of (seed, e, b)
 reduction of the logits (``nrrdd.labels.teacher_targets``: for DBR the two
 distances of Eq. 8) is scattered into row ``i`` of an epoch array for each image i
 of the batch, and the epoch is written as one shard (atomically). ``resume``
-continues after the last complete shard; the manifest states the settings and
-bytes (``nrrdd.labels``).
+skips every complete shard; the manifest states the settings and bytes
+(``nrrdd.labels``).
+
+Several ranks (``torchrun``, :mod:`nrrdd.distributed`): the work is split by
+epoch. Rank 0 checks the folder, writes the manifest and lists the epochs
+without a complete shard; the ranks take them round-robin, each writing whole
+epoch shards, computed exactly as a single process computes them (so the
+stored bytes do not depend on the rank count); after a barrier rank 0 writes
+the final manifest. Ranks beyond the epoch count have nothing to do.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import nrrdd
+from nrrdd import distributed as D
 from nrrdd import labels as L
 from nrrdd.augment import AugmentConfig, num_batches, replay_epoch
 from nrrdd.distilled_set import DistilledSet, load_distilled
@@ -111,38 +119,46 @@ def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teac
                     "test_accuracy": teacher_meta.get("test_accuracy")},
     }
     store = L.LabelStore(ds.path, mode)
-    start_epoch = 0
-    if store.exists() and not force:
-        old = store.manifest()
-        if not resume:
-            raise UsageError(f"{store.path} already holds labels: --resume to continue, --force to redo")
-        same = {k: old.get(k) for k in settings if k != "teacher"} == \
-               {k: v for k, v in settings.items() if k != "teacher"}
-        if not same or (old.get("teacher") or {}).get("path") != settings["teacher"]["path"]:
-            raise UsageError(f"{store.path} was made with other settings (seed, epochs, batch size, "
-                             f"augmentation, teacher or images): use --force to redo it")
-        start_epoch = store.finished_epochs(N, flds) if flds else (epochs if old.get("complete") else 0)
-    elif force:
-        store.clear()
 
-    manifest = {**settings, **L.storage_summary(mode, N, num_classes, epochs),
-                "complete": False, "epochs_done": start_epoch,
-                "nrrdd_version": nrrdd.__version__, "torch_version": torch.__version__,
-                "device": str(device), "seconds": 0.0}
-    if store.exists():
-        manifest["seconds"] = float(store.manifest().get("seconds", 0.0))
-    store.write_manifest(manifest)
+    def open_store():  # rank 0 only: check the folder, write the manifest, list the epochs to do
+        todo = list(range(epochs))
+        if store.exists() and not force:
+            old = store.manifest()
+            if not resume:
+                raise UsageError(f"{store.path} already holds labels: --resume to continue, --force to redo")
+            same = {k: old.get(k) for k in settings if k != "teacher"} == \
+                   {k: v for k, v in settings.items() if k != "teacher"}
+            if not same or (old.get("teacher") or {}).get("path") != settings["teacher"]["path"]:
+                raise UsageError(f"{store.path} was made with other settings (seed, epochs, batch size, "
+                                 f"augmentation, teacher or images): use --force to redo it")
+            if flds:
+                todo = [e for e in todo if not store.complete_epoch(e, N, flds)]
+            elif old.get("complete"):
+                todo = []
+        elif force:
+            store.clear()
+        manifest = {**settings, **L.storage_summary(mode, N, num_classes, epochs),
+                    "complete": False, "epochs_done": epochs - len(todo),
+                    "nrrdd_version": nrrdd.__version__, "torch_version": torch.__version__,
+                    "device": str(device), "world_size": D.world(), "seconds": 0.0}
+        if store.exists():
+            manifest["seconds"] = float(store.manifest().get("seconds", 0.0))
+        store.write_manifest(manifest)
+        return manifest, todo
 
-    if flds and start_epoch < epochs:
+    manifest, todo = D.on_main(open_store)
+    seconds = 0.0  # this run's compute time on this rank
+    if flds and todo:
         teacher_model.eval()
         images = ds.images.to(device)
         ys = ds.labels.to(device)
         nb = num_batches(N, augment.batch_size)
-        bar = tqdm(total=(epochs - start_epoch) * nb, desc=f"relabel {mode}", unit="batch",
-                   disable=not progress_enabled(quiet))
-        if start_epoch:
-            log(f"resuming {store.path} at epoch {start_epoch}/{epochs}")
-        for e in range(start_epoch, epochs):
+        mine = D.shard(todo)
+        bar = tqdm(total=len(mine) * nb, desc=f"relabel {mode}", unit="batch",
+                   disable=not progress_enabled(quiet) or not D.is_main())
+        if len(todo) < epochs and D.is_main():
+            log(f"resuming {store.path}: {epochs - len(todo)}/{epochs} epochs done before")
+        for e in mine:
             t0 = time.perf_counter()
             arrays = {f.name: torch.empty((N, f.width), dtype=f.torch_dtype) for f in flds}
             for mb in replay_epoch(images, ys, augment, seed, e):
@@ -151,12 +167,22 @@ def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teac
                     arrays[name][mb.indices] = t.cpu()
                 bar.update(1)
             store.write_epoch(e, arrays, flds)
-            manifest["epochs_done"] = e + 1
-            manifest["seconds"] += time.perf_counter() - t0
-            store.write_manifest(manifest)
+            seconds += time.perf_counter() - t0
+            if not D.active():  # one process: the manifest follows every epoch
+                manifest["epochs_done"] += 1
+                manifest["seconds"] += time.perf_counter() - t0
+                store.write_manifest(manifest)
+                seconds = 0.0
         bar.close()
-    manifest["epochs_done"] = epochs
-    manifest["complete"] = True
-    manifest["bytes_on_disk"] = sum(store.shard_path(e).stat().st_size for e in range(epochs)) if flds else 0
-    store.write_manifest(manifest)
-    return manifest
+    seconds = D.all_sum(seconds)
+    D.barrier()
+
+    def finish():  # rank 0 only, after every rank's shards are written
+        manifest["seconds"] += seconds
+        manifest["epochs_done"] = epochs
+        manifest["complete"] = True
+        manifest["bytes_on_disk"] = sum(store.shard_path(e).stat().st_size for e in range(epochs)) if flds else 0
+        store.write_manifest(manifest)
+        return manifest
+
+    return D.on_main(finish)

@@ -24,6 +24,17 @@ The loss per label mode, on the student's logits s = S(x_mix):
 With ``online`` the teacher runs on each x_mix during training (RDED's way) and
 nothing is stored; its numbers are rounded to the stored dtypes, so an online run
 trains on bit-identical targets to a stored one.
+
+Several ranks (``torchrun``, :mod:`nrrdd.distributed`): DistributedDataParallel
+over the same global batches and schedule as one process. Every rank replays
+the whole global batch (the replay is a pure function of (seed, epoch, batch);
+CutMix needs the partner images anyway) and trains on its contiguous slice of
+it; its loss, the mean over the slice, is scaled by world × slice / batch, so
+DDP's gradient average is the gradient of the global batch mean. BatchNorm
+layers are synchronised (statistics over the global batch), so the gradients
+are the single-process ones up to floating-point rounding (layers other than
+plain BatchNorm, e.g. dropout, draw per rank). Rank 0 writes the checkpoints
+and the json and scores the test set; the others receive its top-1.
 """
 from __future__ import annotations
 
@@ -40,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nrrdd
+from nrrdd import distributed as D
 from nrrdd import labels as L
 from nrrdd import storage
 from nrrdd.augment import AugmentConfig, MixedBatch, derive_seed, num_batches, replay_epoch
@@ -143,6 +155,16 @@ class StudentRun:
     seconds: float
 
 
+def rank_slice(mb: MixedBatch) -> tuple[MixedBatch, float]:
+    """This rank's contiguous part of a global batch, and the factor world × part / batch
+    that makes DDP's gradient average the gradient of the global batch mean."""
+    n = len(mb.indices)
+    lo, hi = D.split_range(n)
+    part = MixedBatch(mb.epoch, mb.batch, mb.indices[lo:hi], mb.x[lo:hi], mb.y_org[lo:hi],
+                      mb.y_aug[lo:hi], mb.lam, mb.perm)
+    return part, D.world() * (hi - lo) / n
+
+
 def train_student(ds: DistilledSet, arch: str, mode: str,
                   targets: Callable[[MixedBatch], Dict[str, torch.Tensor]], augment: AugmentConfig,
                   replay_seed: int, epochs: int, student_seed: int, num_classes: int, test_set,
@@ -165,6 +187,7 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
 
     torch.manual_seed(derive_seed(student_seed))
     model = build_model(arch, num_classes, ds.in_channels, ds.image_size).to(device)
+    model = D.sync_batchnorm(model, device)
     opt = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
     start_epoch, seconds, last_loss = 0, 0.0, float("nan")
     if checkpoint is not None and checkpoint.is_file():
@@ -175,8 +198,10 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
         opt.load_state_dict(state["optimizer"])
         start_epoch, seconds, last_loss = state["epoch"], state["seconds"], state["loss"]
 
+    net = D.wrap_ddp(model, device)
+
     def save(epoch: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and D.is_main():
             storage.save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "epoch": epoch, "seconds": seconds, "loss": last_loss,
                                 "settings": settings}, checkpoint)
@@ -185,7 +210,8 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
     ys = ds.labels.to(device)
     nb = num_batches(len(ds), augment.batch_size)
     bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs,
-               desc=f"student {arch} seed {student_seed}", unit="ep", disable=not progress_enabled(quiet))
+               desc=f"student {arch} seed {student_seed}", unit="ep",
+               disable=not progress_enabled(quiet) or not D.is_main())
     last_save = time.perf_counter()
     for epoch in bar:
         t0 = time.perf_counter()
@@ -195,13 +221,19 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
         model.train()
         loss_sum = 0.0
         for mb in replay_epoch(images, ys, augment, replay_seed, epoch):
+            if D.active():
+                mb, share = rank_slice(mb)
             tg = targets(mb)
-            loss = student_loss(mode, model(mb.x), mb, tg, temperature)
+            logits = net(mb.x)
+            if D.active() and len(mb.indices) == 0:  # more ranks than images: join the all-reduce
+                loss, share = logits.sum() * 0.0, 0.0
+            else:
+                loss = student_loss(mode, logits, mb, tg, temperature)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if D.active() else loss).backward()
             opt.step()
-            loss_sum += float(loss.detach())
-        last_loss = loss_sum / nb
+            loss_sum += float(loss.detach()) * (share / D.world() if D.active() else 1.0)
+        last_loss = D.all_sum(loss_sum) / nb
         seconds += time.perf_counter() - t0
         bar.set_postfix(loss=f"{last_loss:.4f}")
         if time.perf_counter() - last_save >= checkpoint_every_s:
@@ -210,7 +242,7 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
     bar.close()
     save(epochs)
     t0 = time.perf_counter()
-    top1 = test_top1(model, test_set, mean, std, device)
+    top1 = D.broadcast(test_top1(model, test_set, mean, std, device) if D.is_main() else None)
     return StudentRun(student_seed, top1, last_loss, seconds + time.perf_counter() - t0)
 
 
@@ -234,8 +266,9 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
     """
     name = eval_name(mode, arch, online)
     work = ds.path / f".{name}"
-    if not resume and work.exists():
+    if not resume and work.exists() and D.is_main():
         shutil.rmtree(work)
+    D.barrier()
     settings = {"arch": arch, "mode": mode, "online": online, "epochs": epochs,
                 "augment": augment.to_dict(), "replay_seed": replay_seed, "temperature": temperature,
                 "lr": lr, "weight_decay": weight_decay, "images_sha256": ds.fingerprint()}
@@ -254,8 +287,9 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
                             weight_decay=weight_decay, device=device,
                             checkpoint=work / f"seed{k}.pt", checkpoint_every_s=checkpoint_every_s,
                             settings=settings, quiet=quiet)
-        storage.write_json(run.__dict__, done)
-        (work / f"seed{k}.pt").unlink(missing_ok=True)
+        if D.is_main():
+            storage.write_json(run.__dict__, done)
+            (work / f"seed{k}.pt").unlink(missing_ok=True)
         runs.append(run)
         log(f"seed {k}: top-1 {run.top1:.2f}% (last epoch), {run.seconds:.1f}s")
     top1 = [r.top1 for r in runs]
@@ -283,8 +317,11 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
         "method": ds.config.get("method"), "ipc": ds.config.get("ipc"),
         "dataset": ds.config.get("dataset"), "distilled": str(ds.path),
         "device": str(device), "nrrdd_version": nrrdd.__version__, "torch_version": torch.__version__,
+        "world_size": D.world(),
         **(extra or {}),
     }
-    storage.write_json(result, ds.path / f"{name}.json")
-    shutil.rmtree(work, ignore_errors=True)
+    if D.is_main():
+        storage.write_json(result, ds.path / f"{name}.json")
+        shutil.rmtree(work, ignore_errors=True)
+    D.barrier()
     return result

@@ -63,11 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from nrrdd import distributed as D
     from nrrdd.distill import DistillSettings, distill
 
     if args.resume and args.force:
         raise UsageError("--resume and --force exclude each other")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = D.local_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = DistillSettings(
         dataset=args.dataset, teacher=args.teacher, ipc=args.ipc, out=args.out,
         data_dir=args.data_dir, image_size=args.image_size, teacher_arch=args.teacher_arch,
@@ -80,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = distill(settings, resume=args.resume, force=args.force)
     except KeyboardInterrupt:
-        print(f"nrrdd distill: interrupted; finished work is saved in {args.out}: rerun with "
-              "--resume to continue", file=sys.stderr)
+        if D.is_main():
+            print(f"nrrdd distill: interrupted; finished work is saved in {args.out}: rerun with "
+                  "--resume to continue", file=sys.stderr)
         return 130
     t = res.timings
-    if not args.quiet:
+    if not args.quiet and D.is_main():
         stages = ", ".join(f"{k} {t[k]:.1f}s" for k in ("load", "cidd", "refine", "write", "total") if k in t)
         print(f"wrote {res.images.shape[0]} images ({tuple(res.images.shape[1:])}) to {res.out}"
               + (f" [{stages}]" if stages else ""))

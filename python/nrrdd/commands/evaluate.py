@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def prepare(args: argparse.Namespace, extra: dict | None = None):
     """Validate everything and return a zero-argument callable that runs the evaluation."""
+    from nrrdd import distributed as D
     from nrrdd import labels as L
     from nrrdd.augment import AugmentConfig
     from nrrdd.commands.train_teacher import resolve_device
@@ -60,7 +61,7 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
         raise UsageError("--online needs a teacher label mode (dbr, soft or compact), not onehot")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError("--temperature must be positive")
-    device = resolve_device(args.device)
+    device = resolve_device(D.local_device(args.device))
     ds = load_distilled(args.distilled)
     dataset = args.dataset or ds.config.get("dataset")
     if dataset is None:
@@ -132,14 +133,17 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
                         temperature=temperature, label_manifest=manifest, device=device,
                         resume=args.resume, quiet=args.quiet, lr=args.lr,
                         weight_decay=args.weight_decay, extra=extra,
-                        log=(lambda s: None) if args.quiet else print)
+                        log=(lambda s: None) if args.quiet or not D.is_main() else print)
     return go
 
 
 def run(args: argparse.Namespace) -> int:
+    from nrrdd import distributed as D
     from nrrdd.student import eval_name
 
     result = prepare(args)()
+    if not D.is_main():
+        return 0
     out = Path(args.distilled) / f"{eval_name(args.labels, args.student, args.online)}.json"
     print(f"{args.student} on {args.labels}{' (online)' if args.online else ''} labels: top-1 "
           f"{result['top1_mean']:.2f} ± {result['top1_std']:.2f}% over {len(result['top1'])} "

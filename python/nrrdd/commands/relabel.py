@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nrrdd import distributed as D
     from nrrdd.commands.train_teacher import resolve_device
     from nrrdd.distilled_set import load_distilled
     from nrrdd.relabel import default_augment, relabel, resolve_teacher_path
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--min-scale must be in (0, 1]")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError("--temperature must be positive")
-    device = resolve_device(args.device)
+    device = resolve_device(D.local_device(args.device))
     ds = load_distilled(args.distilled)
     augment = default_augment(ds, args.batch_size, args.mix, args.min_scale)
     model, meta = load_teacher(resolve_teacher_path(ds, args.teacher), device)
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
                 temperature=args.temperature, device=device, resume=args.resume, force=args.force,
                 quiet=args.quiet)
     ratio = m["ratio_to_soft"]
-    print(f"{args.mode} labels for {m['num_images']} images x {m['epochs']} epochs: "
-          f"{m['bytes_stored']} bytes ({m['bytes_per_image_per_epoch']} per image per epoch, "
-          f"{ratio:.4f} of soft labels) in {m['seconds']:.1f}s -> {ds.path / ('labels_' + args.mode)}")
+    if D.is_main():
+        print(f"{args.mode} labels for {m['num_images']} images x {m['epochs']} epochs: "
+              f"{m['bytes_stored']} bytes ({m['bytes_per_image_per_epoch']} per image per epoch, "
+              f"{ratio:.4f} of soft labels) in {m['seconds']:.1f}s -> {ds.path / ('labels_' + args.mode)}")
     return 0
