@@ -317,7 +317,11 @@ def _load_initial(cidd_dir: Path, ipc: int, idx: torch.Tensor) -> torch.Tensor:
     cls, slot = idx // ipc, idx % ipc
     out: Optional[torch.Tensor] = None
     for c in cls.unique().tolist():
-        images = torch.load(cidd_dir / f"{c:05d}.pt", mmap=True)["images"]
+        f = cidd_dir / f"{c:05d}.pt"
+        try:
+            images = torch.load(f, mmap=True)["images"]
+        except Exception as e:
+            raise RuntimeError(f"cannot read {f} ({e}): delete it and rerun with --resume") from e
         if out is None:
             out = images.new_empty((idx.numel(), *images.shape[1:]))
         sel = cls == c
