@@ -11,7 +11,6 @@ and the speed-up. ``--json PATH`` writes every row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nrrdd_ext  # noqa: E402
 from nrrdd_ext import reference as ref  # noqa: E402
-from timing import copy_bandwidth_gbs, format_table, graph_ms, median_ms, rotation_count  # noqa: E402
+from timing import copy_bandwidth_gbs, emit, graph_ms, median_ms, rotation_count  # noqa: E402
 
 # The BatchNorm input shapes of ResNet-18 at 224², with how many layers see each.
 RESNET18_BN_SHAPES = [((64, 112, 112), 1), ((64, 56, 56), 4), ((128, 28, 28), 5),
@@ -146,16 +145,13 @@ def main(argv=None):
                 r[k] = round(r[k], 4)
     meta = dict(device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 torch=torch.__version__, copy_GBps=round(copy_gbs, 1), iters=args.iters)
-    print(f"# bench_ops on {meta['gpu']}, torch {meta['torch']}, copy {meta['copy_GBps']} GB/s (read+write)")
     cols = ["op", "shape", "fused_ms", "composite_ms", "speedup"]
     if dev.type == "cuda":
         cols += ["fused_gpu_ms", "composite_gpu_ms", "gpu_speedup"]
-    print(format_table(rows, cols + ["fused_GBps", "pct_of_copy"]))
-    print("fused_ms / composite_ms: eager, per call, launch overhead included; *_gpu_ms: device "
-          "time from CUDA-graph replays; GB/s and % of copy from the device time.")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    emit(f"# bench_ops on {meta['gpu']}, torch {meta['torch']}, copy {meta['copy_GBps']} GB/s (read+write)",
+         rows, cols + ["fused_GBps", "pct_of_copy"], meta, args.json,
+         "fused_ms / composite_ms: eager, per call, launch overhead included; *_gpu_ms: device "
+         "time from CUDA-graph replays; GB/s and % of copy from the device time.")
     return 0
 
 

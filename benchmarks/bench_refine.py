@@ -25,7 +25,6 @@ pool is counted). CPU: wall time, and the peak RSS of a fresh process per mode.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import format_table, median_ms  # noqa: E402
+from timing import emit, median_ms  # noqa: E402
 
 # name -> (arch, image size, channels, classes)
 CONFIGS = {
@@ -207,13 +206,10 @@ def main(argv=None):
             r["x_floor"] = round(r["ms"] / floor["ms"], 3)
     meta = dict(device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 torch=torch.__version__, iters=args.iters, batch=args.batch, threads=torch.get_num_threads())
-    print(f"# bench_refine on {meta['gpu']}, torch {meta['torch']}, batch {args.batch}")
     cols = ["config", "mode", "ms", "x_reference", "x_floor"]
     cols += ["peak_GiB", "mem_x_reference"] if dev.type == "cuda" else ["peak_RSS_GiB"]
-    print(format_table(rows, cols))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    emit(f"# bench_refine on {meta['gpu']}, torch {meta['torch']}, batch {args.batch}", rows, cols,
+         meta, args.json)
     return 0
 
 

@@ -5,6 +5,7 @@ copies so that a small working set is not served from L2. CPU: median wall time.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Callable, List, Sequence
@@ -73,3 +74,15 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in cells]
     return "\n".join(out)
+
+
+def emit(title: str, rows: Sequence[dict], columns: Sequence[str], meta: dict,
+         json_path: str = None, note: str = None) -> None:
+    """Print the title line and the table (and a note); write meta + rows as JSON."""
+    print(title)
+    print(format_table(rows, columns))
+    if note:
+        print(note)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=list(rows)), f, indent=2)

@@ -109,6 +109,21 @@ inline void check_moment(const at::Tensor& m, const at::Tensor& x, const char* n
   TORCH_CHECK(m.device() == x.device(), name, " is on ", m.device(), ", x on ", x.device());
 }
 
+// The Adam state's checks; returns lr_scale as a float32 one-element tensor (or undefined).
+inline at::Tensor check_adam_state(const at::Tensor& x, const at::Tensor& exp_avg,
+                                   const at::Tensor& exp_avg_sq, const at::Tensor& step,
+                                   const c10::optional<at::Tensor>& lr_scale) {
+  check_moment(exp_avg, x, "exp_avg");
+  check_moment(exp_avg_sq, x, "exp_avg_sq");
+  TORCH_CHECK(step.numel() == 1 && step.device() == x.device(), "step must be one element on x's device");
+  if (!lr_scale.has_value()) return at::Tensor();
+  TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->device() == x.device(),
+              "lr_scale must be one element on x's device");
+  return lr_scale->scalar_type() == at::kFloat && lr_scale->is_contiguous()
+             ? *lr_scale
+             : lr_scale->to(at::kFloat).contiguous();
+}
+
 inline const float* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<float>() : nullptr;
 }

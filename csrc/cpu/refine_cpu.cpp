@@ -136,15 +136,9 @@ void masked_adam_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at:
                           const c10::optional<at::Tensor>& clamp_min,
                           const c10::optional<at::Tensor>& clamp_max) {
   StepInputs in = prepare_step(x, grad, cam, clamp_min, clamp_max);
-  check_moment(exp_avg, x, "exp_avg");
-  check_moment(exp_avg_sq, x, "exp_avg_sq");
-  TORCH_CHECK(step.numel() == 1 && step.device() == x.device(), "step must be one element on x's device");
+  const at::Tensor ls = check_adam_state(x, exp_avg, exp_avg_sq, step, lr_scale);
   const double t = step.item<double>() + 1.0;
-  if (lr_scale.has_value()) {
-    TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->device() == x.device(),
-                "lr_scale must be one element on x's device");
-    lr *= lr_scale->item<double>();
-  }
+  if (ls.defined()) lr *= ls.item<double>();
   InPlace xi(x), mi(exp_avg), vi(exp_avg_sq);
   masked_step_cpu<true>(xi, in, &mi, &vi, lr, beta1, beta2, eps, t, cam_eps);
   xi.commit();

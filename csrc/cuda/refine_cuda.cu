@@ -222,10 +222,6 @@ void launch_masked_step(at::Tensor& x, const StepInputs& in, at::Tensor* m, at::
   });
 }
 
-at::Tensor one_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-}
-
 void masked_adam_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& cam,
                            const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
                            const c10::optional<at::Tensor>& lr_scale, double lr, double beta1,
@@ -233,18 +229,13 @@ void masked_adam_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at
                            const c10::optional<at::Tensor>& clamp_min,
                            const c10::optional<at::Tensor>& clamp_max) {
   StepInputs in = prepare_step(x, grad, cam, clamp_min, clamp_max);
-  check_moment(exp_avg, x, "exp_avg");
-  check_moment(exp_avg_sq, x, "exp_avg_sq");
-  TORCH_CHECK(step.numel() == 1 && step.device() == x.device(), "step must be one element on x's device");
-  at::Tensor ls;
-  if (lr_scale.has_value()) {
-    TORCH_CHECK(lr_scale->numel() == 1 && lr_scale->device() == x.device(),
-                "lr_scale must be one element on x's device");
-    ls = one_float(*lr_scale);
-  }
+  const at::Tensor ls = check_adam_state(x, exp_avg, exp_avg_sq, step, lr_scale);
+  const at::Tensor step_f = step.scalar_type() == at::kFloat && step.is_contiguous()
+                                ? step
+                                : step.to(at::kFloat).contiguous();
   const c10::cuda::CUDAGuard guard(x.device());
   InPlace xi(x), mi(exp_avg), vi(exp_avg_sq);
-  launch_masked_step<true>(xi.work, in, &mi.work, &vi.work, one_float(step), ls, lr, beta1, beta2, eps, cam_eps);
+  launch_masked_step<true>(xi.work, in, &mi.work, &vi.work, step_f, ls, lr, beta1, beta2, eps, cam_eps);
   xi.commit();
   mi.commit();
   vi.commit();

@@ -1,0 +1,45 @@
+"""CPU smoke tests of the benchmark scripts (issue 5): they run end to end on a
+small config and write the JSON the results tables are built from. Not timed
+assertions: only that every mode ran and the derived columns are consistent."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_refine_cpu_smoke(tmp_path):
+    data, stdout = _run("bench_refine.py", "--device", "cpu", "--config", "convnet3-28",
+                        "--batch", "4", "--iters", "1", tmp_path=tmp_path)
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"reference", "fused", "floor"}
+    for r in rows.values():
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+        assert r["peak_RSS_GiB"] > 0
+        assert r["x_reference"] == pytest.approx(r["ms"] / rows["reference"]["ms"], rel=1e-2, abs=1e-3)
+        assert r["x_floor"] == pytest.approx(r["ms"] / rows["floor"]["ms"], rel=1e-2, abs=1e-3)
+    assert rows["reference"]["x_reference"] == 1.0
+    assert "| convnet3-28 | fused" in stdout
+
+
+def test_bench_ops_cpu_smoke(tmp_path):
+    data, _ = _run("bench_ops.py", "--device", "cpu", "--quick", "--iters", "2", tmp_path=tmp_path)
+    ops = [r["op"] for r in data["rows"]]
+    assert ops == ["masked_refine_step", "bn_stat_loss fwd+bwd", "dbr_loss fwd+bwd"]
+    for r in data["rows"]:
+        assert r["fused_ms"] > 0 and r["composite_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["composite_ms"] / r["fused_ms"], rel=2e-2)
+        assert r["fused_GBps"] == pytest.approx(r["bytes"] / (r["fused_ms"] * 1e-3) / 1e9, rel=2e-2, abs=0.1)
+    assert data["meta"]["copy_GBps"] > 0
