@@ -261,7 +261,8 @@ class Refiner:
         self.update(st)
         st.losses.copy_(torch.stack([terms[k].to(st.losses.dtype) for k in LOSS_NAMES]))
 
-    def capture(self, st: RefineState, warmup: Optional[int] = None) -> Callable[[], None]:
+    def capture(self, st: RefineState, warmup: Optional[int] = None,
+                after_warmup: Optional[Callable[[int], None]] = None) -> Callable[[], None]:
         """Run ``warmup`` real iterations eagerly on a side stream, then capture
         one iteration in a CUDA graph; returns its ``replay`` (each call is the
         next iteration). CUDA only."""
@@ -271,8 +272,10 @@ class Refiner:
         side = torch.cuda.Stream(device=st.x.device)
         side.wait_stream(torch.cuda.current_stream(st.x.device))
         with torch.cuda.stream(side):
-            for _ in range(warmup):
+            for i in range(warmup):
                 self.iteration(st)
+                if after_warmup is not None:
+                    after_warmup(i)
         torch.cuda.current_stream(st.x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         st.x.grad = None
@@ -314,12 +317,10 @@ class Refiner:
                     if on_log is not None:
                         on_log(rec)
 
-            if cfg.cuda_graph and st.x.device.type == "cuda":
-                warm = min(cfg.graph_warmup, cfg.iterations)
-                replay = self.capture(st, warmup=warm) if cfg.iterations > warm else None
-                # The warm-up iterations already ran; log them now.
-                for i in range(warm):
-                    after(i) if i == warm - 1 else bar.update(1)
+            warm = cfg.graph_warmup
+            if cfg.cuda_graph and st.x.device.type == "cuda" and cfg.iterations > warm:
+                # the warm-up iterations are real ones: logged like the rest
+                replay = self.capture(st, warmup=warm, after_warmup=after)
                 for i in range(warm, cfg.iterations):
                     replay()
                     after(i)
