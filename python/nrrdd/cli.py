@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             multi = distributed.init_from_env(getattr(args, "device", None))
             where = f" (rank {distributed.rank()} of {distributed.world()})" if multi else ""
         elif distributed.env_world() > 1 and args.command in ("train-teacher", "run"):
-            raise UsageError(f"{args.command} runs in one process: start only "
-                             f"{', '.join(DISTRIBUTED)} with torchrun")
+            raise UsageError(f"{args.command} is a single-process command; under torchrun, start "
+                             f"{', '.join(DISTRIBUTED)}")
         run = importlib.import_module(COMMANDS[args.command][0]).run
         if multi:  # torchrun's failure summary then names the failing rank and its traceback
             from torch.distributed.elastic.multiprocessing.errors import record

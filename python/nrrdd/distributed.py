@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable, List, Optional, Sequence, TypeVar
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -242,7 +242,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         shape = [1, C] + [1] * (x.dim() - 2)
         invstd = (var + eps).rsqrt()
         xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
-        y = xhat
+        y = xhat.clone()  # the output may be changed in place (ReLU(inplace=True)); xhat is saved
         if weight is not None:
             y = y * weight.view(shape) + bias.view(shape)
         ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))

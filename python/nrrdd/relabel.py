@@ -181,7 +181,8 @@ def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teac
         manifest["seconds"] += seconds
         manifest["epochs_done"] = epochs
         manifest["complete"] = True
-        manifest["bytes_on_disk"] = sum(store.shard_path(e).stat().st_size for e in range(epochs)) if flds else 0
+        manifest["bytes_on_disk"] = (sum(store.shard_path(e).stat().st_size for e in range(epochs))
+                                     if flds else 0)
         store.write_manifest(manifest)
         return manifest
 

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,12 +43,19 @@ def _env() -> dict:
     return env
 
 
+def _run(cmd: list) -> subprocess.CompletedProcess:
+    # an empty working folder: `python -m` puts it first on sys.path, and the checkout's
+    # source nrrdd_ext/ must not shadow the installed, compiled package
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
 def torchrun(nproc: int, *args: str, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc -m nrrdd args`` (or ``script args``) on loopback."""
     target = [str(script)] if script else ["-m", "nrrdd"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *target, *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+                 str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                 *target, *args])
 
 
 @contextlib.contextmanager
@@ -154,7 +162,10 @@ def test_relabel_two_ranks_byte_identical(one_rank, tmp_path):
 
 
 TRAIN_SCRIPT = '''
-import sys, torch
+import sys
+from pathlib import Path
+
+import torch
 from nrrdd import distributed as D
 from nrrdd import labels as L
 from nrrdd.data import load_split
@@ -170,7 +181,7 @@ m = store.manifest()
 test = load_split("imagefolder", ds.config["data_dir"], "test", image_size=ds.image_size)
 run = train_student(ds, "convnet3", "dbr", StoredLabels(store, m, "cpu"),
                     AugmentConfig.from_dict(m["augment"]), m["seed"], m["epochs"], 0, ds.num_classes,
-                    test, ds.config["mean"], ds.config["std"], checkpoint=__import__("pathlib").Path(ckpt),
+                    test, ds.config["mean"], ds.config["std"], checkpoint=Path(ckpt),
                     settings={}, quiet=True)
 if D.is_main():
     torch.save({"loss": run.final_loss, "top1": run.top1}, ckpt + ".run")
@@ -196,9 +207,7 @@ def test_evaluate_two_ranks_matches_one(one_rank, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     _ok(torchrun(2, str(dist), str(tmp_path / "two.pt"), script=script))
-    one = subprocess.run([sys.executable, str(script), str(dist), str(tmp_path / "one.pt")], env=_env(),
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
-    _ok(one)
+    _ok(_run([sys.executable, str(script), str(dist), str(tmp_path / "one.pt")]))
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert a["epoch"] == b["epoch"] == 2
     # The bias of a conv that feeds a BatchNorm has an exactly-zero gradient, so its
