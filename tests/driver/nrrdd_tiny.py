@@ -38,15 +38,16 @@ def idx_dir(tmp_path_factory) -> Path:
 
 
 def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 6, val_per_class: int = 2,
-                     size: int = 16, mode: str = "L", seed: int = 0) -> Path:
-    """``root/train/c<k>/*.png`` and ``root/val/c<k>/*.png``; class k has a bright band."""
+                     size: int = 16, mode: str = "L", seed: int = 0, class_prefix: str = "c") -> Path:
+    """``root/train/<prefix><k>/*.png`` and ``root/val/<prefix><k>/*.png``; class k has a
+    bright horizontal band over noise (learnable in a few epochs)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     band = max(1, size // classes)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for c in range(classes):
-            d = root / split / f"c{c}"
+            d = root / split / f"{class_prefix}{c}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 a = rng.integers(0, 90, (size, size)).astype(np.uint8)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -19,24 +18,12 @@ def fresh_seed() -> int:
 
 def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 10,
                      val_per_class: int = 6, size: int = 16, seed: int | None = None) -> Path:
-    """``root/train/<c>/*.png`` and ``root/val/<c>/*.png``: grayscale, learnable.
+    """``root/train/class<c>/*.png`` and ``root/val/class<c>/*.png`` (grayscale, a bright
+    band per class), drawn from a fresh seed unless one is given."""
+    from nrrdd_tiny import make_imagefolder as make
 
-    Class c has a bright horizontal band at rows [c*size/classes, (c+1)*size/classes)
-    over noise, so even a few student epochs beat chance.
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(fresh_seed() if seed is None else seed)
-    band = size // classes
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                a = rng.integers(0, 90, (size, size)).astype(np.uint8)
-                a[c * band:(c + 1) * band] = rng.integers(170, 256, (band, size))
-                Image.fromarray(a, mode="L").save(d / f"{i}.png")
-    return root
+    return make(root, classes, train_per_class, val_per_class, size,
+                seed=fresh_seed() if seed is None else seed, class_prefix="class")
 
 
 def make_teacher(path: Path, num_classes: int = 3, in_channels: int = 1, image_size: int = 16,
