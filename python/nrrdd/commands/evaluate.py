@@ -45,7 +45,7 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
     from nrrdd import distributed as D
     from nrrdd import labels as L
     from nrrdd.augment import AugmentConfig
-    from nrrdd.commands.train_teacher import resolve_device
+    from nrrdd.devices import resolve_device
     from nrrdd.data import load_split
     from nrrdd.distilled_set import load_distilled
     from nrrdd.models import build_model, known_arch

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nrrdd import distributed as D
-    from nrrdd.commands.train_teacher import resolve_device
+    from nrrdd.devices import resolve_device
     from nrrdd.distilled_set import load_distilled
     from nrrdd.relabel import default_augment, relabel, resolve_teacher_path
     from nrrdd.teacher import load_teacher

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nrrdd import storage
     from nrrdd.commands.evaluate import prepare
-    from nrrdd.commands.train_teacher import resolve_device
+    from nrrdd.devices import resolve_device
     from nrrdd.data import DATASETS, load_split
     from nrrdd.distill import DistillSettings, distill
     from nrrdd.distilled_set import export_ddranking, load_distilled

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from nrrdd.devices import resolve_device
 from nrrdd.errors import UsageError
 
 
@@ -26,22 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="standard: random crop + flip (small images) or random resized crop + flip")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
-
-
-def resolve_device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {name!r}")
-    return dev
 
 
 def run(args: argparse.Namespace) -> int:
