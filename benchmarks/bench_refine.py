@@ -10,6 +10,12 @@ Modes (each the real code path):
   ``BNStatHooks``, ``label_refine_loss``, ``masked_refine_step``, the two
   backward passes one after the other.
 - ``fused+graph``: the same iteration captured in one CUDA graph and replayed.
+- ``fast``: the fast path, ``Refiner`` with ``nrrdd.refine.fast_config`` (what
+  ``nrrdd distill --fast`` runs): BatchNorm folded into the convs, and on CUDA
+  bf16 autocast, channels_last and the whole iteration as one CUDA graph; on
+  the CPU the fold alone.
+- ``fast-floor``: the network's own cost on the fast path: two CE-only passes
+  through the folded teacher (bf16, channels_last, one CUDA graph on CUDA).
 - ``floor``: two plain forward/backward passes w.r.t. the input with CE only
   (no BN loss, mask or optimizer): the network's own cost. ``floor+graph``: the
   same as a CUDA graph.
@@ -18,6 +24,9 @@ CUDA: median of CUDA-event times over ``--iters`` iterations after warm-up;
 peak memory is ``torch.cuda.max_memory_allocated`` after a reset made before
 the mode's first allocation (for graphs, before capture, so the graph's private
 pool is counted). CPU: wall time, and the peak RSS of a fresh process per mode.
+
+``s_per_image``: ms x 2000 iterations / batch, the refinement cost of one
+image at the paper's iteration count.
 
     python benchmarks/bench_refine.py --device cuda --json refine.json
     python benchmarks/bench_refine.py --device cpu --config convnet3-28 --iters 3
@@ -43,7 +52,9 @@ CONFIGS = {
     "resnet50-224": ("resnet50", 224, 3, 1000),
     "convnet3-28": ("convnet3", 28, 1, 10),
 }
-MODES = ("reference", "fused", "fused+graph", "floor", "floor+graph")
+MODES = ("reference", "fused", "fused+graph", "fast", "floor", "floor+graph", "fast-floor")
+# refinement iterations per image in the paper (Appendix A), for the per-image cost
+PAPER_ITERATIONS = 2000
 
 
 def _teacher(arch, size, channels, classes, dev):
@@ -71,7 +82,7 @@ def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int,
              profile: str = None) -> dict:
     import nrrdd_ext
     from nrrdd.models import cam_interface
-    from nrrdd.refine import RefineConfig, Refiner, cutmix
+    from nrrdd.refine import RefineConfig, Refiner, fast_config
 
     arch, size, channels, classes = CONFIGS[config]
     teacher = _teacher(arch, size, channels, classes, dev)
@@ -107,18 +118,40 @@ def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int,
         else:
             replay = refiner.capture(st)
             step = lambda i: replay()  # noqa: E731
+    elif mode == "fast":
+        refiner = Refiner(teacher, fast_config(cfg, dev), lo, hi,
+                          input_shape=(channels, size, size)).__enter__()
+        st = refiner.prepare(x0, y, gen)
+        if refiner.config.cuda_graph:
+            replay = refiner.capture(st)
+            step = lambda i: replay()  # noqa: E731
+        else:
+            step = lambda i: refiner.iteration(st)  # noqa: E731
     else:
         x = x0.clone().requires_grad_(True)
         perm = torch.randperm(batch, generator=gen).to(dev)
         box = (size // 4, size // 4 + size // 2, size // 4, size // 4 + size // 2)
 
+        net, cast = teacher, False
+        if mode == "fast-floor":
+            net, _ = nrrdd_ext.fold_batchnorm(teacher, x0[:2])
+            cast = dev.type == "cuda"
+            if cast:
+                net = net.to(memory_format=torch.channels_last)
+
+        def forward(inp):
+            if cast:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cast, cache_enabled=False):
+                return net(inp).float()
+
         def plain(i=0):
             x.grad = None
-            F.cross_entropy(teacher(x), y).backward()
-            F.cross_entropy(teacher(nrrdd_ext.reference.cutmix(x, perm, box)), y).backward()
+            F.cross_entropy(forward(x), y).backward()
+            F.cross_entropy(forward(nrrdd_ext.reference.cutmix(x, perm, box)), y).backward()
 
         step = plain
-        if mode == "floor+graph":
+        if mode == "floor+graph" or (mode == "fast-floor" and dev.type == "cuda"):
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
@@ -132,7 +165,8 @@ def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int,
             step = lambda i: graph.replay()  # noqa: E731
 
     ms = median_ms(step, dev, iters, warmup=3 if dev.type == "cuda" else 1)
-    row = dict(config=config, mode=mode, batch=batch, ms=round(ms, 3))
+    row = dict(config=config, mode=mode, batch=batch, ms=round(ms, 3),
+               s_per_image=round(ms * PAPER_ITERATIONS / batch / 1000, 4))
     if profile:
         _profile(step, dev, f"{config} {mode}", profile)
     if dev.type == "cuda":
@@ -206,7 +240,7 @@ def main(argv=None):
             r["x_floor"] = round(r["ms"] / floor["ms"], 3)
     meta = dict(device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 torch=torch.__version__, iters=args.iters, batch=args.batch, threads=torch.get_num_threads())
-    cols = ["config", "mode", "ms", "x_reference", "x_floor"]
+    cols = ["config", "mode", "ms", "x_reference", "x_floor", "s_per_image"]
     cols += ["peak_GiB", "mem_x_reference"] if dev.type == "cuda" else ["peak_RSS_GiB"]
     emit(f"# bench_refine on {meta['gpu']}, torch {meta['torch']}, batch {args.batch}", rows, cols,
          meta, args.json)

@@ -154,6 +154,16 @@ inline void check_running(const at::Tensor& t, int64_t C, const at::Tensor& x, c
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), ", x on ", x.device());
 }
 
+// The folded op's per-channel affine map (scale s, shift t) as contiguous
+// tensors of `dtype` (the dtype the statistics are finished in).
+inline std::pair<at::Tensor, at::Tensor> prepare_affine(const at::Tensor& scale, const at::Tensor& shift,
+                                                       int64_t C, const at::Tensor& y,
+                                                       at::ScalarType dtype) {
+  check_running(scale, C, y, "scale");
+  check_running(shift, C, y, "shift");
+  return {scale.to(dtype).contiguous(), shift.to(dtype).contiguous()};
+}
+
 // ------------------------------------------------------------ DBR rows
 inline void check_logits(const at::Tensor& logits, const at::Tensor& y_org, const at::Tensor& y_aug) {
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, classes), got ", logits.sizes());

@@ -28,6 +28,12 @@ TORCH_LIBRARY(nrrdd, m) {
   // BN-statistic loss: (loss, mean, var, coef), coef (2,C) = the per-channel
   // gradient coefficients A, B with dL/dx = g * (A_c + B_c * (x - mean_c)).
   m.def("bn_stat_loss(Tensor x, Tensor running_mean, Tensor running_var) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same loss for a BatchNorm folded into the conv before it: y = scale * x + shift
+  // is the folded conv's output; the statistics of x = (y - shift) / scale are
+  // matched. Returns y's mean/var and the coefficients w.r.t. y (same backward op).
+  m.def(
+      "folded_bn_stat_loss(Tensor y, Tensor scale, Tensor shift, Tensor running_mean, "
+      "Tensor running_var) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_stat_loss_backward(Tensor grad_loss, Tensor x, Tensor mean, Tensor coef) -> Tensor");
   // Per-row cross entropies to two labels: (d_org, d_aug, logsumexp).
   m.def("ce_pair(Tensor logits, Tensor y_org, Tensor y_aug) -> (Tensor, Tensor, Tensor)");

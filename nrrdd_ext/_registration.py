@@ -49,6 +49,14 @@ def _(x, running_mean, running_var):
             x.new_empty((C,), dtype=acc), x.new_empty((2, C), dtype=acc))
 
 
+@torch.library.register_fake(lib + "folded_bn_stat_loss")
+def _(y, scale, shift, running_mean, running_var):
+    acc = _acc_dtype(y)
+    C = y.shape[1]
+    return (y.new_empty((), dtype=acc), y.new_empty((C,), dtype=acc),
+            y.new_empty((C,), dtype=acc), y.new_empty((2, C), dtype=acc))
+
+
 @torch.library.register_fake(lib + "bn_stat_loss_backward")
 def _(grad_loss, x, mean, coef):
     return torch.empty_like(x)
@@ -167,6 +175,27 @@ def _bn_backward(ctx, g_loss, _g_mean, _g_var, _g_coef):
 
 
 torch.library.register_autograd(lib + "bn_stat_loss", _bn_backward, setup_context=_bn_setup)
+
+
+def _folded_bn_setup(ctx, inputs, output):
+    y = inputs[0]
+    _, mean, var, coef = output
+    ctx.mark_non_differentiable(mean, var, coef)
+    ctx.save_for_backward(y, mean, coef)
+
+
+def _folded_bn_backward(ctx, g_loss, _g_mean, _g_var, _g_coef):
+    """Differentiable w.r.t. y only (the affine map and the running statistics are
+    the frozen teacher's): coef already holds the coefficients w.r.t. y."""
+    y, mean, coef = ctx.saved_tensors
+    g_y = None
+    if ctx.needs_input_grad[0]:
+        g_y = torch.ops.nrrdd.bn_stat_loss_backward(g_loss, y, mean, coef)
+    return g_y, None, None, None, None
+
+
+torch.library.register_autograd(lib + "folded_bn_stat_loss", _folded_bn_backward,
+                                setup_context=_folded_bn_setup)
 
 
 # ------------------------------------------------------------- autograd: DBR

@@ -1,4 +1,4 @@
-"""The BatchNorm-statistic loss (paper Eq. 3) and hooks that apply it to a model."""
+"""The BatchNorm-statistic loss (paper Eq. 3), its folded form, and hooks that apply them to a model."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from nrrdd_ext import validation as v
+from nrrdd_ext.bn_fold import FoldedBatchNorm2d
 
 
 def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor,
@@ -30,6 +31,32 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor,
     return torch.ops.nrrdd.bn_stat_loss(x, running_mean, running_var)[0]
 
 
+def folded_bn_stat_loss(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """The BN-statistic loss of x = (y - shift) / scale, read from y.
+
+    ``y`` is the output of a conv with a BatchNorm folded into it (y = scale * x
+    + shift per channel, :func:`nrrdd_ext.fold_batchnorm`); the statistics of y
+    are taken in one read as by :func:`bn_stat_loss` and mapped back to x's:
+    mean_x = (mean_y - shift) / scale, var_x = var_y / scale^2. Differentiable
+    w.r.t. y only (scale, shift and the running statistics are the frozen
+    teacher's). No element of ``scale`` may be zero.
+    """
+    v.tensor("y", y, ndim=(2, 3, 4, 5))
+    C = y.shape[1]
+    for name, t in (("scale", scale), ("shift", shift), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        v.tensor(name, t, ndim=(1,))
+        if t.shape[0] != C:
+            raise ValueError(f"{name} has {t.shape[0]} channels, y has {C}")
+        v.same_device(name, t, y.device)
+        if t.requires_grad:
+            raise ValueError(f"folded_bn_stat_loss is differentiable w.r.t. y only; {name} requires grad")
+    if not torch.compiler.is_compiling() and bool((scale == 0).any()):  # eager only: no sync in graphs
+        raise ValueError("scale has a zero channel: that BatchNorm cannot be read through its folded conv")
+    return torch.ops.nrrdd.folded_bn_stat_loss(y, scale, shift, running_mean, running_var)[0]
+
+
 class BNStatHooks:
     """Hooks every BatchNorm layer of ``model`` and sums the fused statistic loss.
 
@@ -41,13 +68,17 @@ class BNStatHooks:
 
     Each forward overwrites each layer's term, as SRe2L's hooks do. The first
     BatchNorm in ``model.modules()`` order is weighted by ``first_multiplier``.
+    A model from :func:`nrrdd_ext.fold_batchnorm` works the same: each
+    :class:`~nrrdd_ext.bn_fold.FoldedBatchNorm2d` contributes the folded loss
+    of its input (the folded conv's output), in its BatchNorm's place.
     ``with hooks.paused():`` runs forwards that leave the terms alone (the
     CutMix pass of NRR).
     """
 
     def __init__(self, model: nn.Module, first_multiplier: float = 1.0):
         self.first_multiplier = v.finite("first_multiplier", first_multiplier)
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, (nn.modules.batchnorm._BatchNorm, FoldedBatchNorm2d))]
         if not self.layers:
             raise ValueError("model has no BatchNorm layer to hook")
         self.terms: List[Optional[torch.Tensor]] = [None] * len(self.layers)
@@ -74,6 +105,16 @@ class BNStatHooks:
     def _make_hook(self, i):
         # The layer's statistics were checked in __enter__ and the kernel checks x
         # against them, so the hook calls the op directly (it runs every forward).
+        if isinstance(self.layers[i], FoldedBatchNorm2d):
+            folded = torch.ops.nrrdd.folded_bn_stat_loss
+
+            def hook(module, inputs, output):
+                if self._active:
+                    self.terms[i] = folded(inputs[0], module.scale, module.shift,
+                                           module.running_mean, module.running_var)[0]
+                    if module.protect_output:  # the op saved y: later in-place writes get a copy
+                        return output.clone()
+            return hook
         op = torch.ops.nrrdd.bn_stat_loss
 
         def hook(module, inputs, output):

@@ -91,6 +91,13 @@ def bn_stat_loss(x, running_mean, running_var):
     return torch.norm(mean - running_mean, 2) + torch.norm(var - running_var, 2)
 
 
+def folded_bn_stat_loss(y, scale, shift, running_mean, running_var):
+    """The BN-statistic loss of x = (y - shift) / scale, the input of a BatchNorm
+    whose affine map y = scale * x + shift was folded into the conv before it."""
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    return bn_stat_loss((y - shift.view(shape)) / scale.view(shape), running_mean, running_var)
+
+
 def bn_stat_loss_sre2l(x, running_mean, running_var):
     """What SRe2L's ``BNFeatureHook`` computes: a permute + contiguous copy of x."""
     nch = x.shape[1]

@@ -24,13 +24,15 @@ def test_bench_refine_cpu_smoke(tmp_path):
     data, stdout = _run("bench_refine.py", "--device", "cpu", "--config", "convnet3-28",
                         "--batch", "4", "--iters", "1", tmp_path=tmp_path)
     rows = {r["mode"]: r for r in data["rows"]}
-    assert set(rows) == {"reference", "fused", "floor"}
+    assert set(rows) == {"reference", "fused", "fast", "floor", "fast-floor"}
     for r in rows.values():
         assert math.isfinite(r["ms"]) and r["ms"] > 0
         assert r["peak_RSS_GiB"] > 0
         assert r["x_reference"] == pytest.approx(r["ms"] / rows["reference"]["ms"], rel=1e-2, abs=1e-3)
         assert r["x_floor"] == pytest.approx(r["ms"] / rows["floor"]["ms"], rel=1e-2, abs=1e-3)
     assert rows["reference"]["x_reference"] == 1.0
+    for r in rows.values():
+        assert r["s_per_image"] == pytest.approx(r["ms"] * 2000 / 4 / 1000, rel=1e-2, abs=1e-4)
     assert "| convnet3-28 | fused" in stdout
 
 

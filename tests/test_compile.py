@@ -1,10 +1,11 @@
-"""torch.compile(fullgraph=True) on CPU through bn_stat_loss and dbr_loss, forward and backward."""
+"""torch.compile(fullgraph=True) on CPU through bn_stat_loss, folded_bn_stat_loss and dbr_loss,
+forward and backward."""
 import torch
 
 import nrrdd_ext
 
 
-def test_compile_fullgraph_bn_stat_and_dbr_loss():
+def test_compile_fullgraph_bn_stat_folded_and_dbr_loss():
     torch._dynamo.reset()
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     rm, rv = 0.2 * torch.randn(4), torch.rand(4) + 0.5
@@ -12,11 +13,13 @@ def test_compile_fullgraph_bn_stat_and_dbr_loss():
     y_org, y_aug = torch.randint(0, 10, (6,)), torch.randint(0, 10, (6,))
     d_org_t, d_aug_t = torch.rand(6) + 2.5, torch.rand(6) * 0.3
     head = torch.randn(10, 4)
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
 
     def step(x):
         h = conv(x)
         logits = h.mean((2, 3)) @ head.t() * 3
         return (nrrdd_ext.bn_stat_loss(h, rm, rv)
+                + 0.5 * nrrdd_ext.folded_bn_stat_loss(h, scale, shift, rm, rv)
                 + nrrdd_ext.dbr_loss(logits, y_org, y_aug, d_org_t, d_aug_t, r=0.4, alpha=0.7))
 
     compiled = torch.compile(step, fullgraph=True)

@@ -1,5 +1,7 @@
 // CPU kernels of the BN-statistic loss: one read of x for the per-channel
 // statistics (shifted sums, double accumulation), one elementwise pass backward.
+// The folded form reads a folded conv's output y = s x + t and maps the
+// statistics back to x; its backward is the same elementwise pass over y.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,11 +16,12 @@
 namespace nrrdd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cpu(
-    const at::Tensor& x_in, const at::Tensor& running_mean, const at::Tensor& running_var) {
-  ChannelView v = channel_view(x_in);
-  check_running(running_mean, v.C, x_in, "running_mean");
-  check_running(running_var, v.C, x_in, "running_var");
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Statistics of x_in (or of y = s x + t when `affine` maps back to x), the loss
+// and the coefficients w.r.t. x_in. mean/var returned are x_in's own.
+Result bn_stats_impl(const at::Tensor& x_in, const ChannelView& v, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, Affine<double> affine) {
   const auto acc = acc_type(x_in);
   const int64_t C = v.C, outer = v.outer, inner = v.inner;
   std::vector<double> s1(C, 0.0), s2(C, 0.0), shift(C, 0.0);
@@ -82,20 +85,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cpu(
   double* vp = var.data_ptr<double>();
   double* cp = coef.data_ptr<double>();
   double nm = 0, nv = 0;
+  std::vector<double> dmean(C), dvar(C);  // statistics of the BN input minus the running ones
   for (int64_t c = 0; c < C; ++c) {
     channel_stats<double>(shift[c], s1[c], s2[c], n, mp + c, vp + c);
-    nm += (mp[c] - rmp[c]) * (mp[c] - rmp[c]);
-    nv += (vp[c] - rvp[c]) * (vp[c] - rvp[c]);
+    dmean[c] = affine.mean_of_input(c, mp[c]) - rmp[c];
+    dvar[c] = affine.var_of_input(c, vp[c]) - rvp[c];
+    nm += dmean[c] * dmean[c];
+    nv += dvar[c] * dvar[c];
   }
   nm = std::sqrt(nm);
   nv = std::sqrt(nv);
   const double im = safe_inverse(nm) / n, iv = safe_inverse(nv) / n;
   for (int64_t c = 0; c < C; ++c) {
-    cp[c] = (mp[c] - rmp[c]) * im;
-    cp[C + c] = 2.0 * (vp[c] - rvp[c]) * iv;
+    cp[c] = affine.mean_coef(c, dmean[c] * im);
+    cp[C + c] = affine.var_coef(c, 2.0 * dvar[c] * iv);
   }
   at::Tensor loss = at::scalar_tensor(nm + nv, x_in.options().dtype(at::kDouble));
   return {loss.to(acc), mean.to(acc), var.to(acc), coef.to(acc)};
+}
+
+Result bn_stat_loss_cpu(const at::Tensor& x, const at::Tensor& running_mean,
+                        const at::Tensor& running_var) {
+  ChannelView v = channel_view(x);
+  check_running(running_mean, v.C, x, "running_mean");
+  check_running(running_var, v.C, x, "running_var");
+  return bn_stats_impl(x, v, running_mean, running_var, {nullptr, nullptr});
+}
+
+Result folded_bn_stat_loss_cpu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& running_mean, const at::Tensor& running_var) {
+  ChannelView v = channel_view(y);
+  check_running(running_mean, v.C, y, "running_mean");
+  check_running(running_var, v.C, y, "running_var");
+  const auto [s, t] = prepare_affine(scale, shift, v.C, y, at::kDouble);
+  return bn_stats_impl(y, v, running_mean, running_var, {s.data_ptr<double>(), t.data_ptr<double>()});
 }
 
 at::Tensor bn_stat_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x_in,
@@ -149,6 +172,7 @@ at::Tensor bn_stat_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
 
 TORCH_LIBRARY_IMPL(nrrdd, CPU, m) {
   m.impl("bn_stat_loss", &bn_stat_loss_cpu);
+  m.impl("folded_bn_stat_loss", &folded_bn_stat_loss_cpu);
   m.impl("bn_stat_loss_backward", &bn_stat_loss_backward_cpu);
 }
 

@@ -6,6 +6,7 @@
 // (channels-last), then merged in a fixed order by one small finalize kernel that
 // also forms the loss and the gradient coefficients. Backward: one elementwise
 // pass, dL/dx = g (A_c + B_c (x - mean_c)). No copy of x is made or saved.
+// The folded form (a conv's output y = s x + t) only changes the finalize.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -99,7 +100,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(1024) finalize_kernel(
     const scalar_t* __restrict__ x, const acc_t* __restrict__ partial, int64_t splits, int64_t C,
     int64_t inner, acc_t n, const acc_t* __restrict__ rm, const acc_t* __restrict__ rv,
-    acc_t* __restrict__ loss, acc_t* __restrict__ mean, acc_t* __restrict__ var,
+    Affine<acc_t> affine, acc_t* __restrict__ loss, acc_t* __restrict__ mean, acc_t* __restrict__ var,
     acc_t* __restrict__ coef) {
   __shared__ acc_t scratch[32];
   acc_t dm = 0, dv = 0;
@@ -113,24 +114,27 @@ __global__ void __launch_bounds__(1024) finalize_kernel(
     channel_stats<acc_t>(static_cast<acc_t>(x[c * inner]), s1, s2, n, &mu, &va);
     mean[c] = mu;
     var[c] = va;
-    dm += (mu - rm[c]) * (mu - rm[c]);
-    dv += (va - rv[c]) * (va - rv[c]);
+    const acc_t d_mean = affine.mean_of_input(c, mu) - rm[c];
+    const acc_t d_var = affine.var_of_input(c, va) - rv[c];
+    dm += d_mean * d_mean;
+    dv += d_var * d_var;
   }
   const acc_t nm = sqrt(block_sum(dm, scratch));
   const acc_t nv = sqrt(block_sum(dv, scratch));
   const acc_t im = safe_inverse(nm) / n, iv = safe_inverse(nv) / n;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    coef[c] = (mean[c] - rm[c]) * im;
-    coef[C + c] = acc_t(2) * (var[c] - rv[c]) * iv;
+    coef[c] = affine.mean_coef(c, (affine.mean_of_input(c, mean[c]) - rm[c]) * im);
+    coef[C + c] = affine.var_coef(c, acc_t(2) * (affine.var_of_input(c, var[c]) - rv[c]) * iv);
   }
   if (threadIdx.x == 0) *loss = nm + nv;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cuda(
-    const at::Tensor& x_in, const at::Tensor& running_mean, const at::Tensor& running_var) {
-  ChannelView v = channel_view(x_in);
-  check_running(running_mean, v.C, x_in, "running_mean");
-  check_running(running_var, v.C, x_in, "running_var");
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Statistics of x_in; with `scale`/`shift` defined, x_in is a folded conv's
+// output y = s x + t and the loss is on the statistics of x.
+Result bn_stats_impl(const at::Tensor& x_in, const ChannelView& v, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, const at::Tensor& scale, const at::Tensor& shift) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto acc = acc_type(x_in);
   auto opts = x_in.options().dtype(acc);
@@ -180,11 +184,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finalize_kernel<scalar_t, acc_t><<<1, 1024, 0, stream>>>(
         xp, partial.data_ptr<acc_t>(), splits, C, v.inner, acc_t(v.outer * v.inner),
-        rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(), loss.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
+        rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(),
+        Affine<acc_t>{scale.defined() ? scale.data_ptr<acc_t>() : nullptr,
+                      shift.defined() ? shift.data_ptr<acc_t>() : nullptr},
+        loss.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
         var.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, mean, var, coef};
+}
+
+Result bn_stat_loss_cuda(const at::Tensor& x, const at::Tensor& running_mean,
+                         const at::Tensor& running_var) {
+  ChannelView v = channel_view(x);
+  check_running(running_mean, v.C, x, "running_mean");
+  check_running(running_var, v.C, x, "running_var");
+  return bn_stats_impl(x, v, running_mean, running_var, at::Tensor(), at::Tensor());
+}
+
+Result folded_bn_stat_loss_cuda(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                                const at::Tensor& running_mean, const at::Tensor& running_var) {
+  ChannelView v = channel_view(y);
+  check_running(running_mean, v.C, y, "running_mean");
+  check_running(running_var, v.C, y, "running_var");
+  const auto [s, t] = prepare_affine(scale, shift, v.C, y, acc_type(y));
+  return bn_stats_impl(y, v, running_mean, running_var, s, t);
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -242,6 +266,7 @@ at::Tensor bn_stat_loss_backward_cuda(const at::Tensor& grad_loss, const at::Ten
 
 TORCH_LIBRARY_IMPL(nrrdd, CUDA, m) {
   m.impl("bn_stat_loss", &cuda::bn_stat_loss_cuda);
+  m.impl("folded_bn_stat_loss", &cuda::folded_bn_stat_loss_cuda);
   m.impl("bn_stat_loss_backward", &cuda::bn_stat_loss_backward_cuda);
 }
 

@@ -51,7 +51,7 @@ from nrrdd import distributed as D
 from nrrdd import storage
 from nrrdd.cidd import SELECT_MODES, cidd_class, factor_cells, generator_for, pool_size
 from nrrdd.errors import UsageError
-from nrrdd.refine import MASK_MODES, RefineConfig, Refiner
+from nrrdd.refine import MASK_MODES, RefineConfig, Refiner, fast_config
 
 OUTPUT_NAMES = ("images.pt", "labels.pt", "config.json", "images", "grid.png", "masks.png",
                 "log.jsonl", "timings.json", "partial")
@@ -81,6 +81,7 @@ class DistillSettings:
     seed: int = 0
     device: str = "cpu"
     cuda_graph: bool = False
+    fast: Optional[bool] = None            # the fast refine path; None: on for CUDA, off on the CPU
     lr: float = 0.05
     cam_eps: float = 0.5
     r: float = 0.4
@@ -91,12 +92,19 @@ class DistillSettings:
     method: Optional[str] = None           # a label for reports; derived when None
     quiet: bool = False
 
-    def refine_config(self) -> RefineConfig:
-        return RefineConfig(iterations=max(1, self.iterations), lr=self.lr, cam_eps=self.cam_eps,
-                            r=self.r, alpha_lr=self.alpha_lr, alpha_bn=self.alpha_bn,
-                            first_bn_multiplier=self.first_bn_multiplier, mask=self.mask,
-                            label_refine=self.label_refine, cuda_graph=self.cuda_graph,
-                            log_every=self.log_every)
+    def fast_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.fast is None else bool(self.fast)
+
+    def refine_config(self, device: torch.device | str = "cpu") -> RefineConfig:
+        """The refinement settings; with the fast path (``fast_on``) as
+        :func:`nrrdd.refine.fast_config` sets it for ``device``."""
+        device = torch.device(device)
+        cfg = RefineConfig(iterations=max(1, self.iterations), lr=self.lr, cam_eps=self.cam_eps,
+                           r=self.r, alpha_lr=self.alpha_lr, alpha_bn=self.alpha_bn,
+                           first_bn_multiplier=self.first_bn_multiplier, mask=self.mask,
+                           label_refine=self.label_refine, cuda_graph=self.cuda_graph,
+                           log_every=self.log_every)
+        return fast_config(cfg, device) if self.fast_on(device) else cfg
 
     def derived_method(self) -> str:
         if self.method:
@@ -124,6 +132,7 @@ class _Plan:
     meta: Dict[str, Any]
     device: torch.device
     run: Dict[str, Any]
+    fast_info: Dict[str, Any] = field(default_factory=dict)
 
 
 def _check_numbers(s: DistillSettings) -> None:
@@ -226,7 +235,7 @@ def plan(s: DistillSettings) -> _Plan:
     except RuntimeError as e:
         raise UsageError(f"teacher {s.teacher} cannot run on {ds.image_size} px images: {e}") from None
     run = {k: v for k, v in asdict(s).items() if k not in NOT_RUN_KEYS}
-    run.update(teacher=meta["path"], image_size=ds.image_size,
+    run.update(teacher=meta["path"], image_size=ds.image_size, fast=s.fast_on(device),
                data_dir=None if s.data_dir is None else str(Path(s.data_dir).resolve()))
     return _Plan(s, ds, model.to(device), meta, device, run)
 
@@ -303,7 +312,8 @@ def _config(p: _Plan, status: str, timings: Dict[str, float], started: float) ->
         "mean": list(ds.mean), "std": list(ds.std), "seed": s.seed,
         "teacher": {"path": meta["path"], "arch": meta["arch"],
                     "test_accuracy": meta.get("test_accuracy"), "num_classes": meta["num_classes"]},
-        "teacher_path": meta["path"], "refine": s.refine_config().as_dict(),
+        "teacher_path": meta["path"], "refine": s.refine_config(p.device).as_dict(),
+        "fast_path": p.fast_info if p.run.get("fast") else None,
         "versions": _versions(), "device": str(p.device), "command": sys.argv,
         "world_size": D.world(),
         "started_unix": started, "timings": timings,
@@ -389,7 +399,16 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     # ---- NRR, one batch at a time
     t = time.perf_counter()
     lo, hi = ds.pixel_bounds(device)
-    refiner = Refiner(p.teacher, s.refine_config(), lo, hi)
+    refiner = Refiner(p.teacher, s.refine_config(device), lo, hi,
+                      input_shape=(ds.in_channels, ds.image_size, ds.image_size))
+    p.fast_info = refiner.fast_info
+    if refiner.fast_info.get("fold_bn") and D.is_main() and not s.quiet:
+        fold = refiner.fast_info["fold_bn"]
+        log("fast path: " + (f"fold refused ({fold['error']})" if "error" in fold else
+                             f"{len(fold['folded'])} of {len(fold['folded']) + len(fold['kept'])} "
+                             "BatchNorm layers folded into their convs")
+            + (", bf16 autocast, channels_last" if refiner.config.bf16 else "")
+            + (", CUDA graph" if refiner.config.cuda_graph else ""))
     refine_dir = out / "partial" / "refine"
     batches = refine_batches(nc, ipc, s.batch_size)
     todo = D.on_main(lambda: [b for b in range(len(batches)) if not (refine_dir / f"{b:05d}.pt").is_file()])

@@ -34,6 +34,15 @@ alpha_lr = 1, Adam lr 0.05, betas (0.5, 0.9), 2000 iterations; alpha_bn = 0.01
 and first_bn_multiplier = 10 are SRe2L's recover defaults (``--r-bn 0.01``,
 ``--first-bn-multiplier 10``), which Appendix A of the paper follows.
 
+The fast path (``fold_bn``, ``bf16``, ``channels_last`` and ``cuda_graph``;
+:func:`fast_config`, what ``nrrdd distill --fast`` runs): the teacher's
+BatchNorm layers are folded into its convs (:func:`nrrdd_ext.fold_batchnorm`;
+the BN-statistic loss is then read from the folded conv outputs by
+:func:`nrrdd_ext.folded_bn_stat_loss`, so no BatchNorm kernel runs), the two
+passes run under bf16 autocast with channels_last activations, and the whole
+iteration is one CUDA graph. The images, Adam's moments, the losses and the
+mask stay float32. On the CPU only the fold applies (float32).
+
 Every random draw (the permutation and the box of each iteration) is made up
 front from a CPU generator into per-iteration tensors on the device; the
 iteration reads row ``step mod iterations`` of them, and the cosine factor from
@@ -43,6 +52,7 @@ reads the next row), and eager and graph runs give the same numbers.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,6 +82,9 @@ class RefineConfig:
     mask: str = "cam"
     label_refine: bool = True
     cuda_graph: bool = False
+    fold_bn: bool = False
+    bf16: bool = False
+    channels_last: bool = False
     graph_warmup: int = 3
     log_every: int = 100
 
@@ -84,6 +97,14 @@ class RefineConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def fast_config(config: RefineConfig, device: torch.device | str) -> RefineConfig:
+    """``config`` with the fast path on: on CUDA the BatchNorm fold, bf16
+    autocast, channels_last and the CUDA graph; on the CPU the fold alone."""
+    cuda = torch.device(device).type == "cuda"
+    return RefineConfig(**{**config.as_dict(), "fold_bn": True, "bf16": cuda,
+                           "channels_last": cuda, "cuda_graph": cuda or config.cuda_graph})
 
 
 def draw_cutmix(iterations: int, batch: int, height: int, width: int,
@@ -156,19 +177,55 @@ class Refiner:
     """
 
     def __init__(self, teacher: nn.Module, config: Optional[RefineConfig] = None,
-                 clamp_min: Optional[torch.Tensor] = None, clamp_max: Optional[torch.Tensor] = None):
+                 clamp_min: Optional[torch.Tensor] = None, clamp_max: Optional[torch.Tensor] = None,
+                 input_shape: Optional[Tuple[int, int, int]] = None):
         import nrrdd_ext
 
         config = RefineConfig() if config is None else config
         self.ext = nrrdd_ext
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
+        teacher = teacher.eval()
+        for p in teacher.parameters():
             p.requires_grad_(False)
+        self.fast_info: Dict[str, object] = {"fold_bn": None, "bf16": config.bf16,
+                                             "channels_last": config.channels_last}
+        if config.fold_bn:
+            teacher = self._fold(teacher, input_shape)
+        if config.channels_last:
+            if not config.fold_bn:  # leave the caller's model as it was
+                teacher = copy.deepcopy(teacher)
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.teacher = teacher
         self.cam = cam_interface(teacher)
         self.config = config
         self.clamp_min, self.clamp_max = clamp_min, clamp_max
         self.hooks = nrrdd_ext.BNStatHooks(teacher, first_multiplier=config.first_bn_multiplier)
         self._entered = 0
+
+    def _fold(self, teacher: nn.Module, input_shape: Optional[Tuple[int, int, int]]) -> nn.Module:
+        """The folded copy of ``teacher``; the teacher itself when the fold is refused."""
+        if input_shape is None:
+            raise ValueError("fold_bn needs input_shape (C, H, W) for the folding probe")
+        dev = next(teacher.parameters()).device
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(dev)
+        try:
+            folded, report = self.ext.fold_batchnorm(teacher, example)
+        except self.ext.FoldingError as e:
+            self.fast_info["fold_bn"] = {"error": str(e)}
+            return teacher
+        self.fast_info["fold_bn"] = report.as_dict()
+        return folded
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) of the teacher on x under the configured precision and layout."""
+        cfg = self.config
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # no autocast weight cache: a CUDA graph must recast each replay
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cuda",
+                            cache_enabled=False):
+            feats = self.cam.forward_features(x)
+            logits = self.cam.forward_head(feats)
+        return feats, logits.to(x.dtype)
 
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Refiner":
@@ -212,8 +269,7 @@ class Refiner:
         cfg = self.config
         idx = st.step.to(torch.int64) % cfg.iterations
         st.x.grad = None
-        feats = self.cam.forward_features(st.x)
-        logits = self.cam.forward_head(feats)
+        feats, logits = self._forward(st.x)
         ce = F.cross_entropy(logits, st.y)
         bn = self.hooks.loss()
         loss1 = ce + cfg.alpha_bn * bn
@@ -224,7 +280,7 @@ class Refiner:
             box = st.boxes.index_select(0, idx).view(-1)
             x_mix = cutmix(st.x, perm, box)
             with self.hooks.paused():
-                logits_mix = self.cam.forward_head(self.cam.forward_features(x_mix))
+                logits_mix = self._forward(x_mix)[1]
             lr_loss = self.ext.label_refine_loss(logits_mix, st.y, st.y.index_select(0, perm), r=cfg.r)
             loss2 = cfg.alpha_lr * lr_loss
             (loss2 if two_pass else loss1 + loss2).backward()
@@ -232,7 +288,7 @@ class Refiner:
             lr_loss = torch.zeros_like(ce)
             loss2 = lr_loss
             loss1.backward()
-        st.features = feats.detach()
+        st.features = feats.detach().to(st.x.dtype)
         return {"ce": ce.detach(), "bn": bn.detach(), "lr": lr_loss.detach(),
                 "total": (loss1 + loss2).detach()}
 

@@ -66,6 +66,23 @@ def test_outputs(full_run):
     assert not (full_run / "partial").exists()
 
 
+def test_fast_path_on_cpu_folds_and_tracks_the_plain_run(full_run, folder_dir, teacher_path, tmp_path):
+    """--fast on the CPU folds the teacher's BatchNorms (float32): the images equal the
+    plain run's to float32 noise, and config.json records what was folded."""
+    out = tmp_path / "fast"
+    assert main(_args(folder_dir, teacher_path, out, "--fast")) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    plain = json.loads((full_run / "config.json").read_text())
+    assert cfg["run"]["fast"] is True and plain["run"]["fast"] is False and plain["fast_path"] is None
+    assert cfg["refine"]["fold_bn"] and not cfg["refine"]["bf16"] and not cfg["refine"]["cuda_graph"]
+    fold = cfg["fast_path"]["fold_bn"]
+    assert len(fold["folded"]) == 3 and not fold["kept"] and fold["check_error"] < 1e-5
+    a, b = torch.load(out / "images.pt"), torch.load(full_run / "images.pt")
+    assert float((a - b).abs().max()) < 1e-3
+    # the fast setting is part of the run: resuming it with --no-fast is refused
+    assert main(_args(folder_dir, teacher_path, out, "--no-fast", "--resume")) == 2
+
+
 def test_batches_mix_classes():
     batches = refine_batches(3, 2, 4)
     assert [b.tolist() for b in batches] == [[0, 2, 4, 1], [3, 5]]

@@ -170,3 +170,89 @@ def test_cuda_graph_matches_eager():
     graph = refiner.refine(x0, y, torch.Generator().manual_seed(1))
     assert torch.allclose(eager.images, graph.images, atol=1e-4)
     assert [r["iteration"] for r in graph.log] == [r["iteration"] for r in eager.log]
+
+
+# ------------------------------------------------------------------ fast path
+def _fast_pair(config_kw, dtype=torch.float32, device="cpu"):
+    from nrrdd.refine import fast_config
+
+    model = small_convnet(num_classes=4, image_size=12, dtype=dtype, seed=1).to(device)
+    lo, hi = torch.tensor([-1.5], device=device), torch.tensor([2.0], device=device)
+    cfg = RefineConfig(iterations=5, log_every=2)
+    plain = Refiner(model, cfg, lo, hi)
+    fast_cfg = fast_config(cfg, device)
+    fast_cfg.cuda_graph = False
+    for k, v in config_kw.items():
+        setattr(fast_cfg, k, v)
+    fast = Refiner(model, fast_cfg, lo, hi, input_shape=(1, 12, 12))
+    return plain, fast, model
+
+
+def _first_gradient(refiner, x0, y):
+    with refiner:
+        st = refiner.prepare(x0, y, torch.Generator().manual_seed(3))
+        st.step.fill_(1)
+        terms = refiner.gradient(st)
+    return st.x.grad.clone(), st.features.clone(), terms
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_path_gradient_equals_plain_on_cpu(channels_last):
+    """On the CPU the fast path is the BatchNorm fold (float32; channels_last optional):
+    the first iteration's gradient, features and loss terms equal the plain path's."""
+    plain, fast, model = _fast_pair({"channels_last": channels_last})
+    assert fast.config.fold_bn and not fast.config.bf16
+    fold = fast.fast_info["fold_bn"]
+    assert len(fold["folded"]) == 3 and not fold["kept"] and fold["check_error"] < 1e-5
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the caller's model is untouched
+    x0, y = _batch(torch.float32)
+    g_plain, f_plain, t_plain = _first_gradient(plain, x0, y)
+    g_fast, f_fast, t_fast = _first_gradient(fast, x0, y)
+    assert float(g_plain.abs().max()) > 1e-4
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-4 * float(g_plain.abs().max()))
+    torch.testing.assert_close(f_fast, f_plain, rtol=1e-4, atol=1e-5)
+    for k in ("ce", "bn", "lr", "total"):
+        assert float(t_fast[k]) == pytest.approx(float(t_plain[k]), rel=1e-4), k
+
+
+def test_fast_refine_images_track_plain_on_cpu():
+    plain, fast, _ = _fast_pair({})
+    x0, y = _batch(torch.float32)
+    a = plain.refine(x0, y, torch.Generator().manual_seed(5))
+    b = fast.refine(x0, y, torch.Generator().manual_seed(5))
+    moved = (a.images - x0).abs().max()
+    assert float(moved) > 1e-3
+    assert float((a.images - b.images).abs().max()) < 1e-3 * float(moved) + 1e-5
+    assert torch.allclose(a.masks, b.masks, atol=1e-4)
+
+
+def test_fold_needs_the_input_shape():
+    model = small_convnet(num_classes=4, image_size=12, dtype=torch.float32, seed=1)
+    with pytest.raises(ValueError, match="input_shape"):
+        Refiner(model, RefineConfig(fold_bn=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_path_gradient_close_to_plain_on_cuda():
+    """On CUDA the fast path adds bf16 autocast and channels_last: the first gradient
+    stays within bf16 tolerance of the float32 path (relative L2 error)."""
+    plain, fast, _ = _fast_pair({}, device="cuda")
+    assert fast.config.bf16 and fast.config.channels_last
+    x0, y = _batch(torch.float32)
+    g_plain, _, t_plain = _first_gradient(plain, x0.cuda(), y.cuda())
+    g_fast, _, t_fast = _first_gradient(fast, x0.cuda(), y.cuda())
+    rel = float((g_fast - g_plain).norm() / g_plain.norm())
+    assert rel < 5e-2, rel
+    assert float(t_fast["total"]) == pytest.approx(float(t_plain["total"]), rel=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_path_graph_matches_fast_eager_on_cuda():
+    _, fast, _ = _fast_pair({}, device="cuda")
+    x0, y = _batch(torch.float32)
+    eager = fast.refine(x0.cuda(), y.cuda(), torch.Generator().manual_seed(1))
+    fast.config.cuda_graph = True
+    graph = fast.refine(x0.cuda(), y.cuda(), torch.Generator().manual_seed(1))
+    assert torch.allclose(eager.images, graph.images, atol=1e-3)

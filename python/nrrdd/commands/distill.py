@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--first-bn-multiplier", type=float, default=10.0)
     r.add_argument("--log-every", type=int, default=100)
     r.add_argument("--cuda-graph", action="store_true", help="capture each iteration in a CUDA graph")
+    r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fast refine path: BatchNorm folded into the teacher's convs, and on CUDA "
+                        "bf16 autocast, channels_last and a CUDA graph (default: on for CUDA, off on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations, factor=args.factor, mipc=args.mipc, num_crop=args.num_crop,
         top_t=args.top_t, select=args.select, mask=args.mask, label_refine=args.label_refine,
         batch_size=args.batch_size, seed=args.seed, device=device, cuda_graph=args.cuda_graph,
+        fast=args.fast,
         lr=args.lr, cam_eps=args.cam_eps, r=args.r, alpha_lr=args.alpha_lr,
         alpha_bn=args.alpha_bn, first_bn_multiplier=args.first_bn_multiplier,
         log_every=args.log_every, quiet=args.quiet)
