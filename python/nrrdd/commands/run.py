@@ -79,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-ddranking", action="store_true",
                    help="also write OUT/ddranking/{images,labels,soft_labels}.pt")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fast refine path of `nrrdd distill --fast` (default: on for CUDA)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="overwrite a run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir, image_size=args.image_size, iterations=iterations, factor=P["factor"],
             mipc=P["mipc"], num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
             mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
-            device=str(device), method=args.method, quiet=args.quiet)
+            device=str(device), method=args.method, quiet=args.quiet, fast=args.fast)
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     timings["distill"] = time.perf_counter() - t
@@ -294,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
         "top1_std": {m: r["top1_std"] for m, r in results.items()},
         "label_bytes": {m: r["label_bytes"] for m, r in results.items()},
         "seconds": timings, "torch_version": torch.__version__,
+        "fast": ds.config.get("run", {}).get("fast"),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }, out / "run.json")
     say(table.rstrip())
     for mode, r in results.items():
