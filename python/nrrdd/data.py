@@ -131,6 +131,10 @@ class ImageSet:
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
+    def subset(self, indices) -> "ImageSet":
+        """The images at ``indices`` (int64), in that order, as an ImageSet of the same kind."""
+        raise NotImplementedError
+
     def batches(self, batch_size: int, device: torch.device | str = "cpu",
                 normalized: bool = True, indices: Optional[torch.Tensor] = None
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -153,6 +157,11 @@ class TensorImageSet(ImageSet):
         super().__init__(name, classes, labels, pixels_u8.shape[1], image_size or native, mean, std)
         self.pixels = pixels_u8
 
+    def subset(self, indices) -> "TensorImageSet":
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return TensorImageSet(self.name, self.classes, self.labels[idx], self.pixels[idx], self.image_size,
+                              self.mean, self.std)
+
     def _load(self, indices: torch.Tensor) -> torch.Tensor:
         x = self.pixels[indices].to(torch.float32).div_(255.0)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
@@ -168,6 +177,11 @@ class FolderImageSet(ImageSet):
                  image_size: int, mean, std):
         super().__init__(name, classes, labels, in_channels, image_size, mean, std)
         self.paths = paths
+
+    def subset(self, indices) -> "FolderImageSet":
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return FolderImageSet(self.name, self.classes, self.labels[idx], [self.paths[i] for i in idx.tolist()],
+                              self.in_channels, self.image_size, self.mean, self.std)
 
     def _load(self, indices: torch.Tensor) -> torch.Tensor:
         from PIL import Image
@@ -325,6 +339,25 @@ def _image_folder(data_dir, split: str, image_size: Optional[int]) -> ImageSet:
     mean, std = NORMALIZATION["imagefolder-gray" if gray else "imagefolder"]
     return FolderImageSet("imagefolder", classes, torch.tensor(labels, dtype=torch.int64), paths,
                           1 if gray else 3, image_size or DEFAULT_FOLDER_SIZE, mean, std)
+
+
+HOLDOUT_SEED = 20261129  # fixed: every run holds out the same images
+
+
+def holdout_split(ds: ImageSet, per_class: int) -> Tuple[ImageSet, ImageSet]:
+    """(rest, held): ``per_class`` images of each class held out of ``ds`` (a fixed
+    random choice, the same for every run and seed), for choosing settings on the
+    training data instead of the test set. Both keep ``ds``'s index order."""
+    counts = ds.class_counts()
+    if per_class < 1 or int(counts.min()) <= per_class:
+        raise UsageError(f"cannot hold out {per_class} images per class: the smallest class has "
+                         f"{int(counts.min())}")
+    g = torch.Generator().manual_seed(HOLDOUT_SEED)
+    held = torch.cat([c[torch.randperm(c.numel(), generator=g)[:per_class]]
+                      for c in (ds.class_indices(k) for k in range(ds.num_classes))]).sort().values
+    keep = torch.ones(len(ds), dtype=torch.bool)
+    keep[held] = False
+    return ds.subset(torch.nonzero(keep).flatten()), ds.subset(held)
 
 
 def load_split(name: str, data_dir: Optional[str | Path], split: str = "train",

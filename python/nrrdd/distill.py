@@ -82,6 +82,7 @@ class DistillSettings:
     device: str = "cpu"
     cuda_graph: bool = False
     fast: Optional[bool] = None            # the fast refine path; None: on for CUDA, off on the CPU
+    holdout_per_class: int = 0             # training images per class kept out (nrrdd.data.holdout_split)
     lr: float = 0.05
     cam_eps: float = 0.5
     r: float = 0.4
@@ -143,6 +144,8 @@ def _check_numbers(s: DistillSettings) -> None:
             raise UsageError(f"{flag} must be at least 1, got {v}")
     if s.iterations < 0:
         raise UsageError(f"--iterations must be >= 0, got {s.iterations}")
+    if s.holdout_per_class < 0:
+        raise UsageError(f"--holdout-per-class must be >= 0, got {s.holdout_per_class}")
     if s.mipc is not None and s.mipc < 1:
         raise UsageError(f"--mipc must be at least 1 (or 'all'), got {s.mipc}")
     if s.select not in SELECT_MODES:
@@ -170,7 +173,7 @@ def _device(name: str) -> torch.device:
 
 def plan(s: DistillSettings) -> _Plan:
     """Every check that can fail on the user's input, before any write."""
-    from nrrdd.data import DATASETS, load_split
+    from nrrdd.data import DATASETS, holdout_split, load_split
     from nrrdd.models import check_cam_shapes
     from nrrdd.teacher import load_teacher
 
@@ -205,6 +208,8 @@ def plan(s: DistillSettings) -> _Plan:
                          f"--image-size is {s.image_size}")
     size = s.image_size or meta.get("image_size")
     ds = probe if probe is not None else load_split(s.dataset, s.data_dir, "train", size)
+    if s.holdout_per_class:
+        ds = holdout_split(ds, s.holdout_per_class)[0]
     if int(meta["num_classes"]) != ds.num_classes:
         raise UsageError(f"teacher {s.teacher} ({meta['arch']}) has {meta['num_classes']} classes, "
                          f"{s.dataset} has {ds.num_classes}")
@@ -308,6 +313,7 @@ def _config(p: _Plan, status: str, timings: Dict[str, float], started: float) ->
         "settings": {**asdict(s), "out": str(Path(s.out).resolve())},
         "method": s.derived_method(), "dataset": s.dataset, "data_dir": p.run["data_dir"],
         "ipc": s.ipc, "num_classes": ds.num_classes, "classes": ds.classes,
+        "holdout_per_class": s.holdout_per_class,
         "in_channels": ds.in_channels, "image_size": ds.image_size, "factor": s.factor,
         "mean": list(ds.mean), "std": list(ds.std), "seed": s.seed,
         "teacher": {"path": meta["path"], "arch": meta["arch"],

@@ -66,14 +66,14 @@ EPOCHS = 300
 
 
 def student_loss(mode: str, logits: torch.Tensor, mb: MixedBatch, targets: Dict[str, torch.Tensor],
-                 temperature: float) -> torch.Tensor:
+                 temperature: float, dbr_r: float = DBR_R) -> torch.Tensor:
     """The training loss of one batch for label ``mode`` (module docstring)."""
     if mode == "dbr":
         import nrrdd_ext
 
         d = targets["d"].float()
         return nrrdd_ext.dbr_loss(logits, mb.y_org, mb.y_aug, d[:, 0].contiguous(),
-                                  d[:, 1].contiguous(), r=DBR_R, alpha=DBR_ALPHA)
+                                  d[:, 1].contiguous(), r=dbr_r, alpha=DBR_ALPHA)
     if mode == "soft":
         q = torch.softmax(targets["logits"].float() / temperature, dim=1)
         return F.kl_div(F.log_softmax(logits / temperature, dim=1), q, reduction="batchmean")
@@ -169,6 +169,7 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
                   targets: Callable[[MixedBatch], Dict[str, torch.Tensor]], augment: AugmentConfig,
                   replay_seed: int, epochs: int, student_seed: int, num_classes: int, test_set,
                   mean: Sequence[float], std: Sequence[float], *, temperature: float = 20.0,
+                  dbr_r: float = DBR_R,
                   lr: float = LR, weight_decay: float = WEIGHT_DECAY,
                   device: torch.device | str = "cpu", checkpoint: Optional[Path] = None,
                   checkpoint_every_s: float = 60.0, settings: Optional[dict] = None,
@@ -228,7 +229,7 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
             if D.active() and len(mb.indices) == 0:  # more ranks than images: join the all-reduce
                 loss, share = logits.sum() * 0.0, 0.0
             else:
-                loss = student_loss(mode, logits, mb, tg, temperature)
+                loss = student_loss(mode, logits, mb, tg, temperature, dbr_r)
             opt.zero_grad(set_to_none=True)
             (loss * share if D.active() else loss).backward()
             opt.step()
@@ -246,16 +247,18 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
     return StudentRun(student_seed, top1, last_loss, seconds + time.perf_counter() - t0)
 
 
-def eval_name(mode: str, arch: str, online: bool) -> str:
-    """``eval_<labels>_<student>`` (``<labels>-online`` for online runs)."""
-    return f"eval_{mode}{'-online' if online else ''}_{arch}"
+def eval_name(mode: str, arch: str, online: bool, split: str = "test") -> str:
+    """``eval_<labels>_<student>`` (``<labels>-online`` for online runs; ``-holdout``
+    appended when the students are scored on the held-out training images)."""
+    return f"eval_{mode}{'-online' if online else ''}_{arch}{'' if split == 'test' else '-' + split}"
 
 
 def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, seeds: int,
              augment: AugmentConfig, replay_seed: int,
              targets: Callable[[MixedBatch], Dict[str, torch.Tensor]], num_classes: int,
              mean: Sequence[float], std: Sequence[float], online: bool = False,
-             temperature: float = 20.0, label_manifest: Optional[dict] = None,
+             temperature: float = 20.0, dbr_r: float = DBR_R, split: str = "test",
+             label_manifest: Optional[dict] = None,
              device: torch.device | str = "cpu", resume: bool = False, quiet: bool = False,
              lr: float = LR, weight_decay: float = WEIGHT_DECAY, checkpoint_every_s: float = 60.0,
              extra: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
@@ -264,14 +267,15 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
     Per-seed checkpoints and results live in ``DIR/.<eval name>/`` until the json is
     written; ``resume`` continues from them, otherwise they are discarded.
     """
-    name = eval_name(mode, arch, online)
+    name = eval_name(mode, arch, online, split)
     work = ds.path / f".{name}"
     if not resume and work.exists() and D.is_main():
         shutil.rmtree(work)
     D.barrier()
     settings = {"arch": arch, "mode": mode, "online": online, "epochs": epochs,
                 "augment": augment.to_dict(), "replay_seed": replay_seed, "temperature": temperature,
-                "lr": lr, "weight_decay": weight_decay, "images_sha256": ds.fingerprint()}
+                "lr": lr, "weight_decay": weight_decay, "images_sha256": ds.fingerprint(),
+                **({"dbr_r": dbr_r} if mode == "dbr" else {})}
     start = time.perf_counter()
     runs: List[StudentRun] = []
     for k in range(seeds):
@@ -283,7 +287,7 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
             log(f"seed {k}: done before, top-1 {runs[-1].top1:.2f}%")
             continue
         run = train_student(ds, arch, mode, targets, augment, replay_seed, epochs, k, num_classes,
-                            test_set, mean, std, temperature=temperature, lr=lr,
+                            test_set, mean, std, temperature=temperature, dbr_r=dbr_r, lr=lr,
                             weight_decay=weight_decay, device=device,
                             checkpoint=work / f"seed{k}.pt", checkpoint_every_s=checkpoint_every_s,
                             settings=settings, quiet=quiet)
@@ -311,7 +315,7 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
         "label_ratio_to_soft": None if online else lm.get("ratio_to_soft"),
         "replay_seed": replay_seed, "augment": augment.to_dict(),
         "temperature": temperature if mode in ("soft", "compact") else None,
-        "dbr_r": DBR_R if mode == "dbr" else None, "dbr_alpha": DBR_ALPHA if mode == "dbr" else None,
+        "dbr_r": dbr_r if mode == "dbr" else None, "eval_split": split, "dbr_alpha": DBR_ALPHA if mode == "dbr" else None,
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": weight_decay, "schedule": "cosine"},
         "num_images": len(ds), "num_classes": num_classes,
         "method": ds.config.get("method"), "ipc": ds.config.get("ipc"),

@@ -127,3 +127,26 @@ def test_real_fashion_mnist_default_location():
     assert train.labels[0].item() == 9 and test.labels[0].item() == 9  # both start with an ankle boot
     x = train.get(torch.arange(1000))
     assert abs(float(x.mean()) - 0.286) < 0.02  # the published normalisation constants fit
+
+
+@pytest.mark.parametrize("kind", ["idx", "folder"])
+def test_holdout_split_is_fixed_balanced_and_disjoint(idx_dir, tmp_path, kind):
+    from nrrdd.data import holdout_split
+
+    if kind == "idx":
+        ds = load_split("fashion-mnist", idx_dir, "train")
+    else:
+        ds = load_split("imagefolder", make_imagefolder(tmp_path / "f", 3, 5, 1, 8), "train")
+    rest, held = holdout_split(ds, 2)
+    assert held.class_counts().tolist() == [2] * ds.num_classes
+    assert (rest.class_counts() + held.class_counts()).tolist() == ds.class_counts().tolist()
+    assert type(rest) is type(ds) and rest.image_size == ds.image_size and rest.mean == ds.mean
+    # the held-out images are real images of ds, none of them in rest
+    all_px, rest_px, held_px = ds.get(range(len(ds))), rest.get(range(len(rest))), held.get(range(len(held)))
+    flat = lambda t: {tuple(r.tolist()) for r in t.flatten(1)}  # noqa: E731
+    assert flat(rest_px) | flat(held_px) == flat(all_px) and not flat(rest_px) & flat(held_px)
+    rest2, held2 = holdout_split(ds, 2)  # the same images every time, whatever the global RNG
+    torch.manual_seed(123)
+    assert torch.equal(held2.get(range(len(held2))), held_px) and torch.equal(held2.labels, held.labels)
+    with pytest.raises(UsageError, match="cannot hold out"):
+        holdout_split(ds, int(ds.class_counts().min()))

@@ -142,3 +142,34 @@ def test_real_fashion_mnist_smoke(tmp_path):
     assert ev["dataset"] == "fashion-mnist" and ev["num_images"] == 10
     assert abs(ev["top1"][0] * 100 - round(ev["top1"][0] * 100)) < 1e-6  # k / 10,000 test images
     assert json.loads((out / "distilled" / "labels_dbr" / "manifest.json").read_text())["bytes_stored"] == 10 * 2 * 4
+
+
+def test_holdout_evaluation_keeps_the_scored_images_out(data, tmp_path):
+    """--eval-split holdout: the students are scored on training images that distillation
+    never saw (3 per class here), recorded as such; the test set is not touched."""
+    from nrrdd.data import holdout_split
+
+    out = tmp_path / "held"
+    rc = main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), "--method",
+               "random", "--labels", "dbr", "--eval-split", "holdout", "--holdout-per-class", "3",
+               "--r", "0.3", *TINY])
+    assert rc == 0
+    run = json.loads((out / "run.json").read_text())
+    ev = json.loads((out / "distilled" / "eval_dbr_convnet3-holdout.json").read_text())
+    assert run["eval_split"] == "holdout" and run["holdout_per_class"] == 3 and ev["eval_split"] == "holdout"
+    assert ev["dbr_r"] == 0.3 and run["top1"]["dbr"] == ev["top1"]
+    # 9 held-out images: the top-1 is a multiple of 100/9
+    assert abs(ev["top1"][0] * 9 / 100 - round(ev["top1"][0] * 9 / 100)) < 1e-9
+    cfg = json.loads((out / "distilled" / "config.json").read_text())
+    assert cfg["holdout_per_class"] == 3
+    train = load_split("imagefolder", data, "train", SIZE)
+    _, held = holdout_split(train, 3)
+    images = torch.load(out / "distilled" / "images.pt") * torch.tensor(cfg["std"]).view(1, -1, 1, 1) \
+        + torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    held_px = held.get(range(len(held)))
+    dist = (images[:, None] - held_px[None]).abs().flatten(2).amax(2)  # (distilled, held)
+    assert images.shape == (6, 1, SIZE, SIZE) and float(dist.min()) > 1e-3  # none is a held-out image
+    # scoring a set made with the whole training set on the holdout is refused
+    assert main(["evaluate", "--distilled", str(out / "distilled"), "--student", "convnet3", "--labels",
+                 "onehot", "--eval-split", "holdout", "--holdout-per-class", "2", "--epochs", "1",
+                 "--seeds", "1", "--device", "cpu", "--quiet"]) == 2

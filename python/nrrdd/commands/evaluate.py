@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="for --online / onehot without a labels folder (default 1/factor)")
     p.add_argument("--temperature", type=float, default=None,
                    help="soft-label temperature (default 20 with CutMix, 4 with Mixup)")
+    p.add_argument("--eval-split", choices=("test", "holdout"), default="test",
+                   help="score on the real test set, or on images held out of the training set "
+                        "(for choosing settings; the distilled set must have been made without them)")
+    p.add_argument("--holdout-per-class", type=int, default=500,
+                   help="images per class held out of the training set for --eval-split holdout (500)")
+    p.add_argument("--dbr-r", type=float, default=None, help="hinge margin r of the DBR loss (0.4)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -46,11 +52,11 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
     from nrrdd import labels as L
     from nrrdd.augment import AugmentConfig
     from nrrdd.devices import resolve_device
-    from nrrdd.data import load_split
+    from nrrdd.data import holdout_split, load_split
     from nrrdd.distilled_set import load_distilled
     from nrrdd.models import build_model, known_arch
     from nrrdd.relabel import check_teacher_fits, default_augment, resolve_teacher_path
-    from nrrdd.student import EPOCHS, OnlineLabels, StoredLabels, evaluate, no_labels
+    from nrrdd.student import DBR_R, EPOCHS, OnlineLabels, StoredLabels, evaluate, no_labels
     from nrrdd.teacher import load_teacher
 
     if args.seeds < 1:
@@ -61,6 +67,10 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
         raise UsageError("--online needs a teacher label mode (dbr, soft or compact), not onehot")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError("--temperature must be positive")
+    split = getattr(args, "eval_split", "test")
+    dbr_r = DBR_R if getattr(args, "dbr_r", None) is None else float(args.dbr_r)
+    if not dbr_r >= 0:
+        raise UsageError(f"--dbr-r must be >= 0, got {dbr_r}")
     device = resolve_device(D.local_device(args.device))
     ds = load_distilled(args.distilled)
     dataset = args.dataset or ds.config.get("dataset")
@@ -111,7 +121,16 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
         targets = no_labels
 
     data_dir = args.data_dir or ds.config.get("data_dir")
-    test = load_split(dataset, data_dir, "test", image_size=ds.image_size)
+    if split == "holdout":
+        held = int(args.holdout_per_class)
+        made_with = ds.config.get("holdout_per_class")
+        if made_with != held:
+            raise UsageError(f"--eval-split holdout scores on {held} training images per class held out, "
+                             f"but {ds.path} was made with holdout_per_class={made_with}: the distilled "
+                             "images may come from the images scored on")
+        test = holdout_split(load_split(dataset, data_dir, "train", image_size=ds.image_size), held)[1]
+    else:
+        test = load_split(dataset, data_dir, "test", image_size=ds.image_size)
     if num_classes is None:
         num_classes = int(ds.config.get("num_classes") or test.num_classes)
     if test.num_classes != num_classes:
@@ -130,7 +149,8 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
         return evaluate(ds, arch=args.student, mode=args.labels, test_set=test, epochs=epochs,
                         seeds=args.seeds, augment=augment, replay_seed=replay_seed, targets=targets,
                         num_classes=num_classes, mean=mean, std=std, online=args.online,
-                        temperature=temperature, label_manifest=manifest, device=device,
+                        temperature=temperature, dbr_r=dbr_r, split=split,
+                        label_manifest=manifest, device=device,
                         resume=args.resume, quiet=args.quiet, lr=args.lr,
                         weight_decay=args.weight_decay, extra=extra,
                         log=(lambda s: None) if args.quiet or not D.is_main() else print)
@@ -144,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     result = prepare(args)()
     if not D.is_main():
         return 0
-    out = Path(args.distilled) / f"{eval_name(args.labels, args.student, args.online)}.json"
+    out = Path(args.distilled) / f"{eval_name(args.labels, args.student, args.online, args.eval_split)}.json"
     print(f"{args.student} on {args.labels}{' (online)' if args.online else ''} labels: top-1 "
           f"{result['top1_mean']:.2f} ± {result['top1_std']:.2f}% over {len(result['top1'])} "
           f"seed(s), last epoch of {result['epochs']} ({result['seconds']:.0f}s) -> {out}")

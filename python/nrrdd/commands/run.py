@@ -75,6 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
     p.add_argument("--seeds", type=int, default=None, help="students per label mode")
+    p.add_argument("--cam-eps", type=float, default=0.5, help="epsilon of the non-critical mask (Eq. 4)")
+    p.add_argument("--r", type=float, default=0.4,
+                   help="hinge margin r of label refinement (Eq. 12) and of the DBR loss (Eqs. 9-10)")
+    p.add_argument("--eval-split", choices=("test", "holdout"), default="test",
+                   help="score students on the real test set, or on training images held out of "
+                        "distillation (to choose settings without the test set)")
+    p.add_argument("--holdout-per-class", type=int, default=500,
+                   help="training images per class held out for --eval-split holdout (500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-ddranking", action="store_true",
                    help="also write OUT/ddranking/{images,labels,soft_labels}.pt")
@@ -91,7 +99,6 @@ def _subset(ds, n: int | None, seed: int):
     import torch
 
     from nrrdd.augment import generator
-    from nrrdd.data import FolderImageSet, TensorImageSet
 
     if n is None or n >= len(ds):
         return ds
@@ -99,18 +106,11 @@ def _subset(ds, n: int | None, seed: int):
     per = max(1, n // ds.num_classes)
     idx = torch.cat([c[torch.randperm(len(c), generator=g)[:per]]
                      for c in (ds.class_indices(k) for k in range(ds.num_classes))]).sort().values
-    if isinstance(ds, TensorImageSet):
-        sub = TensorImageSet(ds.name, ds.classes, ds.labels[idx], ds.pixels[idx], ds.image_size,
-                             ds.mean, ds.std)
-    elif isinstance(ds, FolderImageSet):
-        sub = FolderImageSet(ds.name, ds.classes, ds.labels[idx], [ds.paths[i] for i in idx.tolist()],
-                             ds.in_channels, ds.image_size, ds.mean, ds.std)
-    else:
-        return ds
-    return sub
+    return ds.subset(idx)
 
 
-def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data_dir, factor: int) -> None:
+def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data_dir, factor: int,
+                 holdout_per_class: int = 0) -> None:
     """``--method random``: ``ipc`` random real training images per class, teacher-normalised."""
     import torch
 
@@ -129,6 +129,7 @@ def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data
     config = {"format": "nrrdd-random-v1", "method": "random", "dataset": train.name,
               "data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "ipc": ipc,
               "num_classes": train.num_classes, "classes": train.classes, "mean": list(mean),
+              "holdout_per_class": holdout_per_class,
               "std": list(std), "seed": seed, "factor": factor, "source_indices": idx.tolist(),
               "teacher": {"path": teacher_meta["path"], "arch": teacher_meta["arch"],
                           "test_accuracy": teacher_meta.get("test_accuracy")}}
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from nrrdd import storage
     from nrrdd.commands.evaluate import prepare
     from nrrdd.devices import resolve_device
-    from nrrdd.data import DATASETS, load_split
+    from nrrdd.data import DATASETS, holdout_split, load_split
     from nrrdd.distill import DistillSettings, distill
     from nrrdd.distilled_set import export_ddranking, load_distilled
     from nrrdd.models import known_arch
@@ -168,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--iterations must be >= 0")
     if args.seed < 0:
         raise UsageError("--seed must be non-negative")
+    for flag, v in (("--cam-eps", args.cam_eps), ("--r", args.r)):
+        if not (0 <= v < float("inf")):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
+    if args.eval_split == "holdout" and args.holdout_per_class < 1:
+        raise UsageError(f"--holdout-per-class must be at least 1, got {args.holdout_per_class}")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r} (choose from {', '.join(DATASETS)})")
     if args.resume and args.force:
@@ -195,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     # data (fails early on a missing folder)
     train = load_split(args.dataset, args.data_dir, "train", args.image_size)
     test = load_split(args.dataset, args.data_dir, "test", args.image_size)
+    held = args.holdout_per_class if args.eval_split == "holdout" else 0
+    if held:  # the teacher, CIDD and random selection never see the held-out images
+        train = holdout_split(train, held)[0]
+        say(f"holding out {held} training images per class to score the students on")
 
     counts = train.class_counts()
     smallest = int(counts.min())
@@ -245,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "random":
         if not (args.resume and (dist / "images.pt").is_file()):
             train.mean, train.std = tuple(meta.get("mean") or train.mean), tuple(meta.get("std") or train.std)
-            _random_real(train, P["ipc"], args.seed, dist, meta, args.data_dir, P["factor"])
+            _random_real(train, P["ipc"], args.seed, dist, meta, args.data_dir, P["factor"], held)
     else:
         iterations = 0 if args.method in ("cidd", "rded") else P["iterations"]
         settings = DistillSettings(
@@ -253,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir, image_size=args.image_size, iterations=iterations, factor=P["factor"],
             mipc=P["mipc"], num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
             mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
-            device=str(device), method=args.method, quiet=args.quiet, fast=args.fast)
+            device=str(device), method=args.method, quiet=args.quiet, fast=args.fast,
+            cam_eps=args.cam_eps, r=args.r, holdout_per_class=held)
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     timings["distill"] = time.perf_counter() - t
@@ -277,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
             online=args.online, teacher=str(teacher_path), epochs=P["epochs"], seeds=P["seeds"],
             seed=args.seed, batch_size=P["batch_size"], mix="cutmix", min_scale=1.0 / P["factor"],
             temperature=None, lr=1e-3, weight_decay=0.01, device=str(device), resume=args.resume,
-            quiet=args.quiet)
+            quiet=args.quiet, eval_split=args.eval_split, holdout_per_class=args.holdout_per_class,
+            dbr_r=args.r)
         res = prepare(ns, extra={"method": args.method, "preset": args.preset})()
         timings["evaluate"] += time.perf_counter() - t
         results[mode] = res
@@ -296,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
         "top1_std": {m: r["top1_std"] for m, r in results.items()},
         "label_bytes": {m: r["label_bytes"] for m, r in results.items()},
         "seconds": timings, "torch_version": torch.__version__,
-        "fast": ds.config.get("run", {}).get("fast"),
+        "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
+        "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }, out / "run.json")
     say(table.rstrip())
