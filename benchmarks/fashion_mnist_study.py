@@ -13,6 +13,17 @@ ones resumed, so the study can be stopped and restarted. Then:
 - ``OUT/methods_ipc<N>.png``: one row of synthetic images per method (first
   image of each class), the same classes in the same columns.
 
+Optional parts:
+
+- ``--sweep cam_eps=0.1,0.3,0.5,0.7,0.9`` / ``--sweep r=0.1,...``: ``nrr`` at IPC
+  ``--sweep-ipc`` (10) for each value, scored on training images held out of
+  distillation (``--eval-split holdout``), never on the test set; the table marks
+  the value with the best holdout top-1;
+- ``--cross-student resnet18 --cross-student mobilenetv2``: the IPC-10 ``nrr`` set
+  (distilled with the ConvNet-3 teacher) evaluated on those students, soft labels;
+- ``--cross-teacher CKPT``: ``nrr`` at IPC 10 distilled with another teacher (e.g. a
+  ResNet-18) and evaluated on ConvNet-3 students, the other way round.
+
     python benchmarks/fashion_mnist_study.py --teacher teacher.pt --out study \\
         --ipc 1 --ipc 10 --ipc 50 --seeds 3 --device cuda
     python benchmarks/fashion_mnist_study.py --out study --table-only
@@ -37,37 +48,73 @@ def run_dir(out: Path, ipc: int, method: str) -> Path:
     return out / f"ipc{ipc}-{method}"
 
 
-def command(args, ipc: int, method: str) -> list:
-    cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--teacher", str(args.teacher),
-           "--method", method, "--ipc", str(ipc), "--labels", ",".join(args.labels),
+def command(args, ipc: int, method: str, out: Path | None = None, labels=None, extra=(),
+            teacher=None) -> list:
+    cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--teacher", str(teacher or args.teacher),
+           "--method", method, "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--iterations", str(args.iterations),
            "--mipc", str(args.mipc), "--factor", str(args.factor),
-           "--out", str(run_dir(args.out, ipc, method)), "--quiet"]
-    if args.data_dir:
-        cmd[4:4] = ["--data-dir", str(args.data_dir)]
-    if args.device:
-        cmd += ["--device", args.device]
+           "--out", str(out or run_dir(args.out, ipc, method)), "--quiet", *extra]
     return cmd
 
 
+def sweep_dir(out: Path, name: str, value: str) -> Path:
+    return out / f"sweep-{name}-{value}"
+
+
+def cross_dir(out: Path) -> Path:
+    return out / "cross-teacher-nrr"
+
+
+def jobs(args) -> list:
+    """(name, folder, command, done-marker) of every run of the study, in order."""
+    todo = []
+    for ipc in args.ipc:
+        for m in args.methods:
+            d = run_dir(args.out, ipc, m)
+            todo.append((f"ipc {ipc} {m}", d, command(args, ipc, m), d / "run.json"))
+    for name, values in args.sweeps:
+        for v in values:
+            d = sweep_dir(args.out, name, v)
+            extra = ["--eval-split", "holdout", "--holdout-per-class", str(args.holdout_per_class),
+                     f"--{name.replace('_', '-')}", v]
+            todo.append((f"sweep {name}={v}", d, command(args, args.sweep_ipc, "nrr", d, ["soft"], extra),
+                         d / "run.json"))
+    base = run_dir(args.out, 10, "nrr") / "distilled"
+    for student in args.cross_students:
+        cmd = ["nrrdd", "evaluate", "--distilled", str(base), "--student", student, "--labels", "soft",
+               "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--quiet"]
+        if args.device:
+            cmd += ["--device", args.device]
+        todo.append((f"cross student {student}", None, cmd, base / f"eval_soft_{student}.json"))
+    if args.cross_teacher:
+        d = cross_dir(args.out)
+        todo.append(("cross teacher", d, command(args, 10, "nrr", d, ["soft"], ["--student", "convnet3"],
+                                                 teacher=args.cross_teacher), d / "run.json"))
+    return todo
+
+
 def run_all(args) -> None:
-    todo = [(ipc, m) for ipc in args.ipc for m in args.methods]
-    for k, (ipc, method) in enumerate(todo):
-        d = run_dir(args.out, ipc, method)
-        cmd = command(args, ipc, method)
-        if (d / "run.json").is_file():
-            print(f"[{k + 1}/{len(todo)}] ipc {ipc} {method}: done before", flush=True)
+    todo = jobs(args)
+    for k, (name, d, cmd, done) in enumerate(todo):
+        if args.device and cmd[1] == "run":
+            cmd = cmd + ["--device", args.device]
+        if args.data_dir:
+            cmd = cmd[:2] + ["--data-dir", str(args.data_dir)] + cmd[2:]
+        if done.is_file():
+            print(f"[{k + 1}/{len(todo)}] {name}: done before", flush=True)
             continue
-        if d.is_dir() and any(d.iterdir()):
+        if d is not None and d.is_dir() and any(d.iterdir()):
             cmd.append("--resume")
-        print(f"[{k + 1}/{len(todo)}] ipc {ipc} {method}: {' '.join(cmd)}", flush=True)
+        print(f"[{k + 1}/{len(todo)}] {name}: {' '.join(cmd)}", flush=True)
         if args.dry_run:
             continue
         t0 = time.time()
-        with open(args.out / f"ipc{ipc}-{method}.log", "a") as log:
+        log_path = args.out / (name.replace(" ", "_").replace("=", "-") + ".log")
+        with open(log_path, "a") as log:
             rc = subprocess.call([sys.executable, "-m", "nrrdd", *cmd[1:]], stdout=log, stderr=subprocess.STDOUT)
         if rc != 0:
-            raise SystemExit(f"ipc {ipc} {method} failed (exit {rc}); see {args.out}/ipc{ipc}-{method}.log")
+            raise SystemExit(f"{name} failed (exit {rc}); see {log_path}")
         print(f"    {time.time() - t0:.0f} s", flush=True)
 
 
@@ -109,7 +156,28 @@ def collect(args) -> dict:
                 if min(ca["n"], cb["n"]) > 1 else ("higher" if diff > 0 else "lower") + " (one seed: no noise estimate)"
             orderings.append({"ipc": ipc, "claim": f"{better} > {worse}", "diff": diff, "two_std": noise,
                               "verdict": verdict})
-    return {"rows": rows, "orderings": orderings, "labels": list(args.labels),
+    sweeps = []
+    for name, values in args.sweeps:
+        pts = []
+        for v in values:
+            f = sweep_dir(args.out, name, v) / "run.json"
+            if f.is_file():
+                pts.append({"value": float(v), **_cell(json.loads(f.read_text())["top1"]["soft"])})
+        if pts:
+            best = max(pts, key=lambda q: q["mean"])["value"]
+            sweeps.append({"name": name, "ipc": args.sweep_ipc, "points": pts, "best_on_holdout": best})
+    cross = []
+    for student in args.cross_students:
+        f = run_dir(args.out, 10, "nrr") / "distilled" / f"eval_soft_{student}.json"
+        if f.is_file():
+            cross.append({"teacher": "convnet3", "student": student,
+                          **_cell(json.loads(f.read_text())["top1"])})
+    f = cross_dir(args.out) / "run.json"
+    if args.cross_teacher and f.is_file():
+        r = json.loads(f.read_text())
+        cross.append({"teacher": r["teacher"]["arch"], "student": "convnet3", **_cell(r["top1"]["soft"])})
+    return {"rows": rows, "orderings": orderings, "labels": list(args.labels), "sweeps": sweeps,
+            "cross": cross,
             "protocol": {"iterations": args.iterations, "epochs": args.epochs, "mipc": args.mipc,
                          "factor": args.factor, "seeds": args.seeds}}
 
@@ -135,6 +203,18 @@ def table(study: dict) -> str:
         out += ["", "| IPC | claim (soft labels) | difference | 2 std | verdict |", "|---|---|---|---|---|"]
         for o in study["orderings"]:
             out.append(f"| {o['ipc']} | {o['claim']} | {o['diff']:+.2f} | {o['two_std']:.2f} | {o['verdict']} |")
+    for sw in study.get("sweeps", []):
+        out += ["", f"Sweep of {sw['name']} (nrr, IPC {sw['ipc']}, soft labels, top-1 on held-out "
+                    "training images, not the test set):", "",
+                "| " + sw["name"] + " | holdout top-1 |", "|---|---|"]
+        for q in sw["points"]:
+            mark = " (best)" if q["value"] == sw["best_on_holdout"] else ""
+            out.append(f"| {q['value']:g} | {q['mean']:.2f} ± {q['std']:.2f}{mark} |")
+    if study.get("cross"):
+        out += ["", "Cross-architecture (nrr, IPC 10, soft labels):", "",
+                "| distilled with | student | top-1 |", "|---|---|---|"]
+        for c in study["cross"]:
+            out.append(f"| {c['teacher']} | {c['student']} | {c['mean']:.2f} ± {c['std']:.2f} |")
     out += ["", "Commands:", ""]
     out += [f"- IPC {r['ipc']} {r['method']}: `{r['command']}`" for r in study["rows"].values()]
     return "\n".join(out) + "\n"
@@ -180,12 +260,27 @@ def main(argv=None) -> int:
     p.add_argument("--mipc", type=int, default=300)
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="cam_eps or r values to sweep for nrr, scored on held-out training images")
+    p.add_argument("--sweep-ipc", type=int, default=10)
+    p.add_argument("--holdout-per-class", type=int, default=500,
+                   help="training images per class held out for the sweeps (500 of Fashion-MNIST's 6000)")
+    p.add_argument("--cross-student", dest="cross_students", action="append", default=[],
+                   help="also evaluate the IPC-10 nrr set on this student arch (repeatable)")
+    p.add_argument("--cross-teacher", type=Path, default=None,
+                   help="also distil nrr at IPC 10 with this teacher, evaluated on ConvNet-3")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--table-only", action="store_true", help="only rebuild study.md/json and the figures")
     args = p.parse_args(argv)
     args.ipc = args.ipc or [1, 10, 50]
     args.methods = args.methods or list(METHODS)
     args.labels = [m for m in args.labels.split(",") if m]
+    args.sweeps = []
+    for spec in args.sweep:
+        name, _, values = spec.partition("=")
+        if name not in ("cam_eps", "r") or not values:
+            p.error(f"--sweep takes cam_eps=V1,V2,... or r=V1,V2,..., got {spec!r}")
+        args.sweeps.append((name, [v for v in values.split(",") if v]))
     if not args.table_only:
         if args.teacher is None or not args.teacher.is_file():
             p.error("--teacher must name an existing checkpoint (train one with `nrrdd train-teacher`)")

@@ -1,0 +1,71 @@
+"""benchmarks/fashion_mnist_study.py on a Fashion-MNIST-shaped toy: every run, the table,
+the orderings, a holdout sweep, a cross-architecture student, the figure."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from nrrdd_tiny import make_teacher
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import fashion_mnist_study as study  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def done(idx_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    teacher = make_teacher(root / "teacher.pt", num_classes=10, image_size=12, dataset="fashion-mnist")
+    out = root / "out"
+    rc = study.main(["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+                     "--method", "random", "--method", "cidd", "--labels", "soft,onehot,dbr", "--seeds", "2",
+                     "--epochs", "1", "--iterations", "1", "--mipc", "2", "--factor", "1",
+                     "--sweep", "cam_eps=0.3,0.6", "--sweep-ipc", "1", "--holdout-per-class", "1",
+                     "--device", "cpu"])
+    return rc, out
+
+
+def test_study_runs_and_tables(done):
+    rc, out = done
+    assert rc == 0
+    data = json.loads((out / "study.json").read_text())
+    assert set(data["rows"]) == {"1/random", "1/cidd"}
+    for key, row in data["rows"].items():
+        run = json.loads((out / f"ipc1-{row['method']}" / "run.json").read_text())
+        for mode in ("soft", "onehot", "dbr"):
+            cell = row["top1"][mode]
+            assert cell["values"] == run["top1"][mode] and cell["n"] == 2
+            assert cell["mean"] == pytest.approx(sum(cell["values"]) / 2)
+        soft, one, dbr = (row["top1"][m]["mean"] for m in ("soft", "onehot", "dbr"))
+        if soft != one:
+            assert row["recover_rate"] == pytest.approx((dbr - one) / (soft - one))
+    (o,) = data["orderings"]  # only cidd > random has both sides here
+    a, b = data["rows"]["1/cidd"]["top1"]["soft"], data["rows"]["1/random"]["top1"]["soft"]
+    assert o["claim"] == "cidd > random" and o["diff"] == pytest.approx(a["mean"] - b["mean"])
+    assert o["two_std"] == pytest.approx(2 * max(a["std"], b["std"]))
+    (sw,) = data["sweeps"]
+    assert sw["name"] == "cam_eps" and [q["value"] for q in sw["points"]] == [0.3, 0.6]
+    assert sw["best_on_holdout"] == max(sw["points"], key=lambda q: q["mean"])["value"]
+    for v in ("0.3", "0.6"):
+        run = json.loads((out / f"sweep-cam_eps-{v}" / "run.json").read_text())
+        assert run["eval_split"] == "holdout" and run["cam_eps"] == float(v)
+    table = (out / "study.md").read_text()
+    assert "| 1 | cidd |" in table and "Sweep of cam_eps" in table and "(best)" in table
+    assert "--method cidd --ipc 1" in table
+    from PIL import Image
+
+    with Image.open(out / "methods_ipc1.png") as im:  # 2 rows (methods) x 10 classes of 12 px + padding
+        assert im.size == (10 * 14 + 2, 2 * 14 + 2)
+
+
+def test_rerun_skips_finished_work(done, idx_dir, capsys):
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    before = (out / "ipc1-cidd" / "run.json").stat().st_mtime_ns
+    assert study.main(["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+                       "--method", "random", "--method", "cidd", "--labels", "soft,onehot,dbr", "--seeds", "2",
+                       "--epochs", "1", "--iterations", "1", "--mipc", "2", "--factor", "1",
+                       "--device", "cpu"]) == 0
+    assert (out / "ipc1-cidd" / "run.json").stat().st_mtime_ns == before
+    assert capsys.readouterr().out.count("done before") == 2
