@@ -52,11 +52,14 @@ def same_shape(name: str, t: torch.Tensor, shape, other: str):
 
 def finite(name: str, value, *, min_value: float = 0.0, max_value: float = math.inf,
            open_max: bool = False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
+    if isinstance(value, torch.SymFloat):  # torch.compile(dynamic=True): comparisons become guards
+        v = value
+    else:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if v != v or v == math.inf or v == -math.inf:  # not math.isfinite: that cannot take a SymFloat
         raise ValueError(f"{name} must be finite, got {v}")
     if v < min_value or v > max_value or (open_max and v >= max_value):
         hi = f"< {max_value}" if open_max else f"<= {max_value}"
