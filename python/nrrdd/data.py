@@ -170,6 +170,10 @@ class TensorImageSet(ImageSet):
         return x
 
 
+# image files decoded in parallel per call (NRRDD_LOAD_THREADS; 1 = serial)
+LOAD_THREADS = max(1, int(os.environ.get("NRRDD_LOAD_THREADS", min(8, os.cpu_count() or 1))))
+
+
 class FolderImageSet(ImageSet):
     """``root/<class>/*`` image files, opened with PIL only when asked for."""
 
@@ -184,23 +188,37 @@ class FolderImageSet(ImageSet):
                               self.in_channels, self.image_size, self.mean, self.std)
 
     def _load(self, indices: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((indices.numel(), self.in_channels, self.image_size, self.image_size))
+        paths = [self.paths[i] for i in indices.tolist()]
+        workers = min(LOAD_THREADS, len(paths))
+        if workers > 1 and len(paths) >= 4 * workers:
+            # PIL releases the GIL while decoding and resizing: threads read files in parallel
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                for k, t in enumerate(pool.map(self._read, paths, chunksize=16)):
+                    out[k] = t
+        else:
+            for k, p in enumerate(paths):
+                out[k] = self._read(p)
+        return out
+
+    def _read(self, path: Path) -> torch.Tensor:
+        """One file: shorter side resized to image_size (bilinear), centre-cropped, in [0, 1]."""
         from PIL import Image
 
         mode = "L" if self.in_channels == 1 else "RGB"
-        out = torch.empty((indices.numel(), self.in_channels, self.image_size, self.image_size))
-        for k, i in enumerate(indices.tolist()):
-            with Image.open(self.paths[i]) as im:
-                im = im.convert(mode)
-                w, h = im.size
-                s = self.image_size / min(w, h)
-                nw, nh = max(self.image_size, round(w * s)), max(self.image_size, round(h * s))
-                im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-                left, top = (nw - self.image_size) // 2, (nh - self.image_size) // 2
-                im = im.crop((left, top, left + self.image_size, top + self.image_size))
-                a = np.asarray(im, dtype=np.uint8)
-            t = torch.from_numpy(a.copy())
-            out[k] = (t[None] if t.dim() == 2 else t.permute(2, 0, 1)).to(torch.float32) / 255.0
-        return out
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            s = self.image_size / min(w, h)
+            nw, nh = max(self.image_size, round(w * s)), max(self.image_size, round(h * s))
+            im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+            left, top = (nw - self.image_size) // 2, (nh - self.image_size) // 2
+            im = im.crop((left, top, left + self.image_size, top + self.image_size))
+            a = np.asarray(im, dtype=np.uint8)
+        t = torch.from_numpy(a.copy())
+        return (t[None] if t.dim() == 2 else t.permute(2, 0, 1)).to(torch.float32) / 255.0
 
 
 # ------------------------------------------------------------------ IDX files

@@ -150,3 +150,18 @@ def test_holdout_split_is_fixed_balanced_and_disjoint(idx_dir, tmp_path, kind):
     assert torch.equal(held2.get(range(len(held2))), held_px) and torch.equal(held2.labels, held.labels)
     with pytest.raises(UsageError, match="cannot hold out"):
         holdout_split(ds, int(ds.class_counts().min()))
+
+
+def test_threaded_folder_loading_equals_serial(tmp_path, monkeypatch):
+    import nrrdd.data as data
+
+    root = make_imagefolder(tmp_path / "f", 3, 30, 1, 20, mode="RGB")
+    ds = load_split("imagefolder", root, "train", image_size=16)
+    idx = torch.randperm(len(ds))
+    monkeypatch.setattr(data, "LOAD_THREADS", 4)
+    threaded = ds.get(idx)
+    monkeypatch.setattr(data, "LOAD_THREADS", 1)
+    serial = ds.get(idx)
+    assert threaded.shape == (90, 3, 16, 16) and float(serial.std()) > 0.05
+    assert torch.equal(threaded, serial)
+    assert torch.equal(ds.get(idx[:3]), serial[:3])  # small calls stay serial, same result
