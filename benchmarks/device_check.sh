@@ -73,6 +73,8 @@ if [[ " $STAGE " == *" fastcheck "* ]]; then
       cp "$run/run.json" "$run/distilled/log.jsonl" "$run/distilled/timings.json" "$extras/fastcheck/$arch-$path/" 2>/dev/null
       note "fastcheck $arch --$path: $($PY -c "import json; d=json.load(open('$run/run.json')); print(d['top1']['soft'], 'mean', round(d['top1_mean']['soft'], 2), 'distill s', round(d['seconds']['distill'], 1))" 2>&1 | tail -n 1), $(( $(date +%s) - t0 )) s"
     done
+    $PY benchmarks/plot_loss_curves.py "/tmp/fastcheck/$arch-fast/distilled" "/tmp/fastcheck/$arch-no-fast/distilled" \
+      --label "$arch --fast" --label "$arch --no-fast" --out "$extras/fastcheck/curves_$arch.png" >>"$summary" 2>&1
   done
 fi
 if [[ " $STAGE " == *" study "* ]]; then

@@ -245,6 +245,27 @@ def figure(args, ipc: int) -> Path | None:
     return path
 
 
+def charts(args, study: dict) -> list:
+    """accuracy_ipc.png (soft-label top-1 against IPC, a line per method) when the study
+    has several IPCs; sweep_<name>.png (holdout top-1 against the swept value)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    from nrrdd.charts import line_chart
+
+    made = []
+    by_method = {}
+    for r in study["rows"].values():
+        if r["top1"].get("soft"):
+            by_method.setdefault(r["method"], []).append((r["ipc"], r["top1"]["soft"]["mean"]))
+    if len({ipc for pts in by_method.values() for ipc, _ in pts}) > 1:
+        made.append(line_chart(by_method, args.out / "accuracy_ipc.png", title="Fashion-MNIST, ConvNet-3, soft labels",
+                               xlabel="images per class (log scale)", ylabel="top-1 %", log_x=True))
+    for sw in study.get("sweeps", []):
+        made.append(line_chart({f"nrr, IPC {sw['ipc']}": [(q["value"], q["mean"]) for q in sw["points"]]},
+                               args.out / f"sweep_{sw['name']}.png", title=f"{sw['name']} sweep (holdout top-1)",
+                               xlabel=sw["name"], ylabel="top-1 %"))
+    return made
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", type=Path, help="ConvNet-3 checkpoint from `nrrdd train-teacher`")
@@ -293,6 +314,7 @@ def main(argv=None) -> int:
     (args.out / "study.md").write_text(table(study))
     for ipc in args.ipc:
         figure(args, ipc)
+    charts(args, study)
     print(table(study))
     return 0
 

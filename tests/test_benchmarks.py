@@ -45,3 +45,19 @@ def test_bench_ops_cpu_smoke(tmp_path):
         assert r["speedup"] == pytest.approx(r["composite_ms"] / r["fused_ms"], rel=2e-2)
         assert r["fused_GBps"] == pytest.approx(r["bytes"] / (r["fused_ms"] * 1e-3) / 1e9, rel=2e-2, abs=0.1)
     assert data["meta"]["copy_GBps"] > 0
+
+
+def test_plot_loss_curves_averages_batches(tmp_path):
+    for name, base in (("fast", 1.0), ("plain", 2.0)):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [json.dumps({"batch": b, "iteration": it, "total": base + b + it / 100})
+                 for b in (0, 1) for it in (100, 200)]
+        (d / "log.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, str(BENCH / "plot_loss_curves.py"), str(tmp_path / "fast"),
+                           str(tmp_path / "plain"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fast: first 2.5000, last 3.5000 (2 points)" in proc.stdout  # mean of batches 0 and 1
+    assert "plain: first 3.5000, last 4.5000" in proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

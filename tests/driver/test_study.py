@@ -55,6 +55,9 @@ def test_study_runs_and_tables(done):
     assert "--method cidd --ipc 1" in table
     from PIL import Image
 
+    with Image.open(out / "sweep_cam_eps.png") as im:
+        assert im.format == "PNG"
+    assert not (out / "accuracy_ipc.png").exists()  # one IPC: no curve to draw
     with Image.open(out / "methods_ipc1.png") as im:  # 2 rows (methods) x 10 classes of 12 px + padding
         assert im.size == (10 * 14 + 2, 2 * 14 + 2)
 
