@@ -125,6 +125,15 @@ def _cell(values):
             "n": len(values), "values": values}
 
 
+def _top1(run: Path, run_json: dict, mode: str) -> list:
+    """The students' top-1 of one label mode: from the evaluation file (which holds
+    more seeds when ``nrrdd evaluate --seeds N`` was run on the set later), else run.json."""
+    f = run / "distilled" / f"eval_{mode}_{run_json.get('student', 'convnet3')}.json"
+    if f.is_file():
+        return json.loads(f.read_text())["top1"]
+    return run_json["top1"][mode]
+
+
 def collect(args) -> dict:
     rows = {}
     for ipc in args.ipc:
@@ -133,7 +142,7 @@ def collect(args) -> dict:
             if not f.is_file():
                 continue
             r = json.loads(f.read_text())
-            cells = {mode: _cell(r["top1"][mode]) for mode in r["top1"]}
+            cells = {mode: _cell(_top1(f.parent, r, mode)) for mode in r["top1"]}
             rec = None
             if all(cells.get(m) for m in ("soft", "onehot", "dbr")):
                 gap = cells["soft"]["mean"] - cells["onehot"]["mean"]

@@ -72,3 +72,21 @@ def test_rerun_skips_finished_work(done, idx_dir, capsys):
                        "--device", "cpu"]) == 0
     assert (out / "ipc1-cidd" / "run.json").stat().st_mtime_ns == before
     assert capsys.readouterr().out.count("done before") == 2
+
+
+def test_table_picks_up_students_added_later(done, idx_dir):
+    """`nrrdd evaluate --seeds 3` on a finished run's set: the table reads the evaluation
+    file, so the row now holds 3 students (and says so)."""
+    from nrrdd.cli import main as nrrdd_main
+
+    rc, out = done
+    dist = out / "ipc1-cidd" / "distilled"
+    assert nrrdd_main(["evaluate", "--distilled", str(dist), "--student", "convnet3", "--labels", "onehot",
+                       "--seeds", "3", "--epochs", "1", "--data-dir", str(idx_dir), "--device", "cpu",
+                       "--quiet"]) == 0
+    assert study.main(["--out", str(out), "--ipc", "1", "--method", "random", "--method", "cidd",
+                       "--labels", "soft,onehot,dbr", "--seeds", "2", "--table-only"]) == 0
+    data = json.loads((out / "study.json").read_text())
+    cell = data["rows"]["1/cidd"]["top1"]["onehot"]
+    assert cell["n"] == 3 and cell["values"] == json.loads((dist / "eval_onehot_convnet3.json").read_text())["top1"]
+    assert "(n=3)" in (out / "study.md").read_text()
