@@ -173,3 +173,15 @@ def test_holdout_evaluation_keeps_the_scored_images_out(data, tmp_path):
     assert main(["evaluate", "--distilled", str(out / "distilled"), "--student", "convnet3", "--labels",
                  "onehot", "--eval-split", "holdout", "--holdout-per-class", "2", "--epochs", "1",
                  "--seeds", "1", "--device", "cpu", "--quiet"]) == 2
+
+
+def test_no_label_refine_reaches_the_refinement(data, tmp_path):
+    out = tmp_path / "nolr"
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), "--method", "nrr",
+                 "--labels", "onehot", "--no-label-refine", "--cam-eps", "0.3", *TINY]) == 0
+    cfg = json.loads((out / "distilled" / "config.json").read_text())
+    assert cfg["refine"]["label_refine"] is False and cfg["refine"]["cam_eps"] == 0.3
+    log = [json.loads(line) for line in (out / "distilled" / "log.jsonl").read_text().splitlines()]
+    assert log and all(r["lr"] == 0.0 for r in log)  # the L_lr term is off
+    run = json.loads((out / "run.json").read_text())
+    assert run["label_refine"] is False and run["cam_eps"] == 0.3

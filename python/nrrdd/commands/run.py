@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
     p.add_argument("--seeds", type=int, default=None, help="students per label mode")
     p.add_argument("--cam-eps", type=float, default=0.5, help="epsilon of the non-critical mask (Eq. 4)")
+    p.add_argument("--label-refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="the label-refinement term L_lr in refinement (Eq. 11; the paper's DBR+LR)")
     p.add_argument("--r", type=float, default=0.4,
                    help="hinge margin r of label refinement (Eq. 12) and of the DBR loss (Eqs. 9-10)")
     p.add_argument("--eval-split", choices=("test", "holdout"), default="test",
@@ -264,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
             mipc=P["mipc"], num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
             mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
             device=str(device), method=args.method, quiet=args.quiet, fast=args.fast,
-            cam_eps=args.cam_eps, r=args.r, holdout_per_class=held)
+            cam_eps=args.cam_eps, r=args.r, holdout_per_class=held, label_refine=args.label_refine)
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     timings["distill"] = time.perf_counter() - t
@@ -309,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         "label_bytes": {m: r["label_bytes"] for m, r in results.items()},
         "seconds": timings, "torch_version": torch.__version__,
         "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
-        "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r,
+        "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r, "label_refine": args.label_refine,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }, out / "run.json")
     say(table.rstrip())
