@@ -16,19 +16,27 @@ note "gpu: $(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --f
 note "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 
 start=$(date +%s)
+# NRRDD_REHEARSAL=1: the driver stages only, on the CPU, at toy sizes, with the
+# extension already built: a check of this script's logic that costs no GPU time.
+DEV=cuda EPOCHS=300 MIPC=300 ITERS="${NRRDD_ITERS:-2000}"
+if [[ "${NRRDD_REHEARSAL:-0}" == 1 ]]; then
+  DEV=cpu EPOCHS=1 MIPC=40 ITERS=2
+fi
 # An in-place build (the device image's pip would try to fetch setuptools for an
 # isolated editable build, and that machine is offline).
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
-  tail -n 40 "$OUT/build.log"
-  note "build: FAILED"
-  exit 1
-fi
-note "build: ok in $(( $(date +%s) - start )) s; cuda kernels: $($PY -c 'import nrrdd_ext; print(nrrdd_ext.cuda_kernels_built())')"
+if [[ $DEV == cuda ]]; then
+  if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    tail -n 40 "$OUT/build.log"
+    note "build: FAILED"
+    exit 1
+  fi
+  note "build: ok in $(( $(date +%s) - start )) s; cuda kernels: $($PY -c 'import nrrdd_ext; print(nrrdd_ext.cuda_kernels_built())')"
 
-# CUDA tests (the ops' and the driver's), then a CPU sanity subset.
-$PY -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log" | tail -n 25
-note "tests (cuda): $(tail -n 1 "$OUT/tests_cuda.log")"
+  # CUDA tests (the ops' and the driver's)
+  $PY -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log" | tail -n 25
+  note "tests (cuda): $(tail -n 1 "$OUT/tests_cuda.log")"
+fi
 
 # Stages: ops, refine (benchmarks), teachers (real Fashion-MNIST teachers on the GPU;
 # needs the IDX files under $NRRDD_DATA, default data/fashion-mnist, carried along),
@@ -38,12 +46,30 @@ note "tests (cuda): $(tail -n 1 "$OUT/tests_cuda.log")"
 # What does not fit the 8 files that come back goes into $OUT/extras.tar.gz.
 STAGE="${NRRDD_DEVICE_STAGES:-ops refine}"
 data="${NRRDD_DATA:-data/fashion-mnist}"
+if [[ $DEV == cpu ]]; then  # rehearsal: 50 training and 10 test images per class of the real data
+  PYTHONPATH="$PWD/python" $PY - "$data" /tmp/fm_rehearsal <<'PYEOF'
+import gzip, struct, sys
+from pathlib import Path
+import numpy as np
+from nrrdd.data import read_idx
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True, exist_ok=True)
+for split, per in (("train", 50), ("t10k", 10)):
+    find = lambda kind: next(src.glob(f"{split}-{kind}-idx*-ubyte*"))
+    x, y = read_idx(find("images")), read_idx(find("labels"))
+    keep = np.concatenate([np.nonzero(y == c)[0][:per] for c in range(10)])
+    for kind, a in (("images", x[keep]), ("labels", y[keep])):
+        with gzip.open(dst / f"{split}-{kind}-idx{a.ndim}-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, a.ndim]) + struct.pack(">" + "I" * a.ndim, *a.shape) + a.astype(np.uint8).tobytes())
+PYEOF
+  data=/tmp/fm_rehearsal
+fi
 extras="$OUT/extras"
 mkdir -p "$extras"
-if [[ " $STAGE " == *" ops "* ]]; then
+if [[ " $STAGE " == *" ops "* && $DEV == cuda ]]; then
   $PY benchmarks/bench_ops.py --device cuda --iters 50 --json "$OUT/bench_ops.json" 2>&1
 fi
-if [[ " $STAGE " == *" refine "* ]]; then
+if [[ " $STAGE " == *" refine "* && $DEV == cuda ]]; then
   $PY benchmarks/bench_refine.py --device cuda --iters 30 --json "$OUT/bench_refine.json" 2>&1
   # where the time goes in the eager fused step (the breakdown the targets ask for)
   $PY benchmarks/bench_refine.py --device cuda --iters 10 --config resnet18-224 --config resnet18-32 \
@@ -55,9 +81,10 @@ if [[ " $STAGE " == *" teachers "* ]]; then
     IFS=: read -r arch epochs augment <<<"$spec"
     t0=$(date +%s)
     $PY -m nrrdd train-teacher --dataset fashion-mnist --data-dir "$data" --arch "$arch" \
-      --epochs "$epochs" --augment "${augment:-standard}" --out "/tmp/teacher_$arch.pt" --device cuda --force 2>&1 | grep -v Warning \
+      --epochs "$([[ $DEV == cuda ]] && echo "$epochs" || echo 1)" --augment "${augment:-standard}" \
+      --out "/tmp/teacher_$arch.pt" --device "$DEV" --force 2>&1 | grep -v Warning \
       | tee -a "$extras/teachers.log" | tail -n 3
-    note "teacher $arch, $epochs epochs: $(grep -o 'test accuracy [0-9.]*' "$extras/teachers.log" | tail -n 1), $(( $(date +%s) - t0 )) s"
+    note "teacher $arch ($epochs epochs asked): $(grep -o 'test accuracy [0-9.]*' "$extras/teachers.log" | tail -n 1), $(( $(date +%s) - t0 )) s"
   done
   cp /tmp/teacher_convnet3.pt "$extras/" 2>/dev/null || true
 fi
@@ -67,8 +94,8 @@ if [[ " $STAGE " == *" fastcheck "* ]]; then
       run="/tmp/fastcheck/$arch-$path"
       t0=$(date +%s)
       $PY -m nrrdd run --dataset fashion-mnist --data-dir "$data" --teacher "/tmp/teacher_$arch.pt" \
-        --method nrr --ipc 10 --labels soft --seeds 3 --iterations "${NRRDD_ITERS:-2000}" --epochs 300 \
-        --mipc 300 --device cuda "--$path" --out "$run" --force --quiet >"$extras/fastcheck_$arch-$path.log" 2>&1
+        --method nrr --ipc 10 --labels soft --seeds 3 --iterations "$ITERS" --epochs "$EPOCHS" \
+        --mipc "$MIPC" --device "$DEV" "--$path" --out "$run" --force --quiet >"$extras/fastcheck_$arch-$path.log" 2>&1
       mkdir -p "$extras/fastcheck/$arch-$path"
       cp "$run/run.json" "$run/distilled/log.jsonl" "$run/distilled/timings.json" "$extras/fastcheck/$arch-$path/" 2>/dev/null
       note "fastcheck $arch --$path: $($PY -c "import json; d=json.load(open('$run/run.json')); print(d['top1']['soft'], 'mean', round(d['top1_mean']['soft'], 2), 'distill s', round(d['seconds']['distill'], 1))" 2>&1 | tail -n 1), $(( $(date +%s) - t0 )) s"
@@ -80,8 +107,10 @@ fi
 if [[ " $STAGE " == *" study "* ]]; then
   t0=$(date +%s)
   # shellcheck disable=SC2086
+  rehearsal=()
+  [[ $DEV == cpu ]] && rehearsal=(--epochs 1 --iterations 2 --mipc 4 --seeds 1 --ipc 1 --holdout-per-class 10)
   $PY benchmarks/fashion_mnist_study.py --teacher /tmp/teacher_convnet3.pt --data-dir "$data" \
-    --out /tmp/study --device cuda ${NRRDD_STUDY_ARGS:-} >"$extras/study.log" 2>&1
+    --out /tmp/study --device "$DEV" "${rehearsal[@]}" ${NRRDD_STUDY_ARGS:-} >"$extras/study.log" 2>&1
   mkdir -p "$extras/study"
   cp /tmp/study/study.* /tmp/study/methods_* "$extras/study/" 2>/dev/null
   for f in /tmp/study/ipc*/run.json; do d=$(basename "$(dirname "$f")"); cp "$f" "$extras/study/$d.run.json"; done
