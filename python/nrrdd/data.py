@@ -131,9 +131,24 @@ class ImageSet:
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
+    # indices of these images in the full split when this set is a subset (see subset)
+    origin: Optional[torch.Tensor] = None
+
     def subset(self, indices) -> "ImageSet":
-        """The images at ``indices`` (int64), in that order, as an ImageSet of the same kind."""
+        """The images at ``indices`` (int64), in that order, as an ImageSet of the same
+        kind; its ``origin`` maps its indices to the full split's."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        sub = self._subset(idx)
+        sub.origin = idx if self.origin is None else self.origin[idx]
+        return sub
+
+    def _subset(self, idx: torch.Tensor) -> "ImageSet":
         raise NotImplementedError
+
+    def split_index(self, indices) -> torch.Tensor:
+        """Indices of this set's images in the full split."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return idx if self.origin is None else self.origin[idx]
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu",
                 normalized: bool = True, indices: Optional[torch.Tensor] = None
@@ -157,8 +172,7 @@ class TensorImageSet(ImageSet):
         super().__init__(name, classes, labels, pixels_u8.shape[1], image_size or native, mean, std)
         self.pixels = pixels_u8
 
-    def subset(self, indices) -> "TensorImageSet":
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+    def _subset(self, idx: torch.Tensor) -> "TensorImageSet":
         return TensorImageSet(self.name, self.classes, self.labels[idx], self.pixels[idx], self.image_size,
                               self.mean, self.std)
 
@@ -182,8 +196,7 @@ class FolderImageSet(ImageSet):
         super().__init__(name, classes, labels, in_channels, image_size, mean, std)
         self.paths = paths
 
-    def subset(self, indices) -> "FolderImageSet":
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+    def _subset(self, idx: torch.Tensor) -> "FolderImageSet":
         return FolderImageSet(self.name, self.classes, self.labels[idx], [self.paths[i] for i in idx.tolist()],
                               self.in_channels, self.image_size, self.mean, self.std)
 

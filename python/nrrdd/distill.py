@@ -8,6 +8,11 @@
 - ``config.json``: every setting, the seed, package versions, the teacher's
   path and accuracy, the time each stage took;
 - ``images/<class>/<i>.png``, ``grid.png``, ``masks.png`` (see ``nrrdd.images``);
+- ``patches.pt``: where each image's factor^2 patches came from, aligned with
+  ``images.pt``: ``source`` (N, beta) int64, the index of the patch's real image
+  in the dataset's training split; ``box`` (N, beta, 4) its crop (x0, y0, w, h)
+  in pixels of that image as loaded (``image_size``); ``confidence`` (N, beta) the teacher's p(y | patch);
+  patch k of an image fills cell (k // factor, k % factor) of its grid;
 - ``log.jsonl``: the loss terms of each logged refinement iteration
   (``batch``, ``iteration``, ``ce``, ``bn``, ``lr``, ``total``, ``lr_rate``);
 - ``timings.json``: seconds per stage (load, cidd, refine, write, total).
@@ -53,7 +58,7 @@ from nrrdd.cidd import SELECT_MODES, cidd_class, factor_cells, generator_for, po
 from nrrdd.errors import UsageError
 from nrrdd.refine import MASK_MODES, RefineConfig, Refiner, fast_config
 
-OUTPUT_NAMES = ("images.pt", "labels.pt", "config.json", "images", "grid.png", "masks.png",
+OUTPUT_NAMES = ("images.pt", "labels.pt", "patches.pt", "config.json", "images", "grid.png", "masks.png",
                 "log.jsonl", "timings.json", "partial")
 CONFIG_FORMAT = "nrrdd-distill-v1"
 # Settings that do not change the images: a resume may differ in these.
@@ -345,6 +350,17 @@ def _load_initial(cidd_dir: Path, ipc: int, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _patch_provenance(cidd_dir: Path, ds, nc: int, ipc: int, beta: int) -> Dict[str, torch.Tensor]:
+    """``patches.pt`` (module docstring) from the per-class CIDD units."""
+    parts: Dict[str, List[torch.Tensor]] = {"source": [], "box": [], "confidence": []}
+    for c in range(nc):
+        unit = torch.load(cidd_dir / f"{c:05d}.pt")
+        parts["source"].append(ds.split_index(unit["patch_source"]).view(ipc, beta))
+        parts["box"].append(unit["patch_box"].to(torch.int64).view(ipc, beta, 4))
+        parts["confidence"].append(unit["patch_confidence"].float().view(ipc, beta))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def refine_batches(num_classes: int, ipc: int, batch_size: int) -> List[torch.Tensor]:
     """Flat (class-major) image indices of each refinement batch: slot-major
     across classes, ``batch_size`` per batch."""
@@ -462,6 +478,7 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     png.save_image_files(final, labels, ds.classes, ds.mean, ds.std, out / "images")
     png.save_grid(final, labels, nc, ds.mean, ds.std, out / "grid.png")
     png.save_mask_grid(final, masks, labels, nc, ds.mean, ds.std, s.cam_eps, out / "masks.png")
+    storage.save_torch(_patch_provenance(cidd_dir, ds, nc, ipc, s.factor ** 2), out / "patches.pt")
     storage.save_torch(labels, out / "labels.pt")
     storage.save_torch(final.contiguous(), out / "images.pt")
     timings["write"] = time.perf_counter() - t

@@ -145,6 +145,9 @@ def test_holdout_split_is_fixed_balanced_and_disjoint(idx_dir, tmp_path, kind):
     all_px, rest_px, held_px = ds.get(range(len(ds))), rest.get(range(len(rest))), held.get(range(len(held)))
     flat = lambda t: {tuple(r.tolist()) for r in t.flatten(1)}  # noqa: E731
     assert flat(rest_px) | flat(held_px) == flat(all_px) and not flat(rest_px) & flat(held_px)
+    for sub in (rest, held):  # split_index maps back to the full split
+        full = sub.split_index(range(len(sub)))
+        assert torch.equal(ds.labels[full], sub.labels) and torch.equal(ds.get(full), sub.get(range(len(sub))))
     rest2, held2 = holdout_split(ds, 2)  # the same images every time, whatever the global RNG
     torch.manual_seed(123)
     assert torch.equal(held2.get(range(len(held2))), held_px) and torch.equal(held2.labels, held.labels)

@@ -83,6 +83,21 @@ def test_fast_path_on_cpu_folds_and_tracks_the_plain_run(full_run, folder_dir, t
     assert main(_args(folder_dir, teacher_path, out, "--no-fast", "--resume")) == 2
 
 
+def test_patch_provenance(full_run, folder_dir):
+    """patches.pt: for each image its 4 patches' real source images (all of the image's
+    class), their crop boxes inside those images, and the teacher's confidences."""
+    from nrrdd.data import load_split
+
+    p = torch.load(full_run / "patches.pt")
+    labels = torch.load(full_run / "labels.pt")
+    assert p["source"].shape == (6, 4) and p["box"].shape == (6, 4, 4) and p["confidence"].shape == (6, 4)
+    train = load_split("imagefolder", folder_dir, "train", TINY)
+    assert torch.equal(train.labels[p["source"]], labels[:, None].expand(6, 4))
+    x0, y0, w, h = p["box"].unbind(-1)
+    assert bool(((x0 >= 0) & (y0 >= 0) & (w >= 1) & (h >= 1) & (x0 + w <= TINY) & (y0 + h <= TINY)).all())
+    assert bool(((p["confidence"] >= 0) & (p["confidence"] <= 1)).all())
+
+
 def test_batches_mix_classes():
     batches = refine_batches(3, 2, 4)
     assert [b.tolist() for b in batches] == [[0, 2, 4, 1], [3, 5]]
