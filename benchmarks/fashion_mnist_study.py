@@ -118,7 +118,10 @@ def run_all(args) -> None:
         t0 = time.time()
         log_path = args.out / (name.replace(" ", "_").replace("=", "-") + ".log")
         with open(log_path, "a") as log:
-            rc = subprocess.call([sys.executable, "-m", "nrrdd", *cmd[1:]], stdout=log, stderr=subprocess.STDOUT)
+            # -P: the working folder is not put on sys.path, so a source checkout's uncompiled
+            # nrrdd_ext/ cannot shadow the installed package
+            rc = subprocess.call([sys.executable, "-P", "-m", "nrrdd", *cmd[1:]], stdout=log,
+                                 stderr=subprocess.STDOUT)
         if rc != 0:
             raise SystemExit(f"{name} failed (exit {rc}); see {log_path}")
         print(f"    {time.time() - t0:.0f} s", flush=True)
