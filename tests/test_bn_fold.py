@@ -168,24 +168,33 @@ def test_resnet_folds_every_bn_and_keeps_logits():
 
 def test_hooks_on_folded_model_equal_hooks_on_original(device):
     """BNStatHooks' loss and its input gradient are the same whether the teacher is
-    folded or not (the folded terms are read from the conv outputs)."""
+    folded or not (the folded terms are read from the conv outputs): exactly (float64
+    copies of both), and in float32 up to rounding. In float32 a pre-activation within
+    ~1e-6 of zero can take the other side of a ReLU in either net (seen once in 30
+    seeds for the folded one), which moves the gradient of the pixels it feeds; so the
+    float32 gradient is held to the reference in relative L2 norm."""
     model = _resnet18_small().to(device)
     x = torch.randn(4, 3, 16, 16, device=device)
     folded, _ = nrrdd_ext.fold_batchnorm(model, x[:2])
-    model64 = copy.deepcopy(model).double()
-    x64 = x.double().requires_grad_(True)
-    with nrrdd_ext.BNStatHooks(model64, first_multiplier=10.0) as h:
-        model64(x64)
-        ref = h.loss()
-    (rgx,) = torch.autograd.grad(ref, x64)
-    xf = x.clone().requires_grad_(True)
-    with nrrdd_ext.BNStatHooks(folded, first_multiplier=10.0) as h:
-        assert len(h.layers) == 20
-        folded(xf)
-        loss = h.loss()
-    (gx,) = torch.autograd.grad(loss, xf)
+
+    def hooked(net, inp):
+        xf = inp.clone().requires_grad_(True)
+        with nrrdd_ext.BNStatHooks(net, first_multiplier=10.0) as h:
+            assert len(h.layers) == 20
+            net(xf)
+            loss = h.loss()
+        return loss, torch.autograd.grad(loss, xf)[0]
+
+    ref, rgx = hooked(copy.deepcopy(model).double(), x.double())
+    # the fold's algebra, in float64 (its weights were rounded to float32 once: ~6e-8)
+    exact, egx = hooked(copy.deepcopy(folded).double(), x.double())
+    torch.testing.assert_close(exact, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(egx, rgx, rtol=1e-5, atol=1e-5 * rgx.abs().max().item())
+
+    loss, gx = hooked(folded, x)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=0)
-    torch.testing.assert_close(gx.double(), rgx, rtol=1e-3, atol=1e-3 * rgx.abs().max().item())
+    rel = float((gx.double() - rgx).norm() / rgx.norm())
+    assert rel < 2e-2, rel  # typically < 1e-6; 6e-3 with one ReLU tie; a wrong fold is O(1)
 
 
 def test_dead_channel_layer_stays_a_batchnorm():
@@ -301,3 +310,16 @@ def test_gradcheck_cuda_and_cuda_equals_cpu():
     on_cpu = torch.ops.nrrdd.folded_bn_stat_loss(y32.cpu(), *(a.cpu() for a in args))
     for a, b in zip(on_gpu, on_cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_model_without_batchnorm_is_returned_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    folded, report = nrrdd_ext.fold_batchnorm(model, x)
+    assert not report.folded and not report.kept and report.check_error == 0.0
+    assert report.summary() == "0 of 0 BatchNorm layers folded"
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref, rtol=0, atol=0)
+    assert folded[1].inplace  # nothing folded: the model is left as it was
