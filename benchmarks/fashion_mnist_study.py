@@ -38,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # a checkout's nrrdd first
+from nrrdd.data import HOLDOUT_PER_CLASS  # noqa: E402
+
 METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
 # beyond the default five: nrr refined without the label-refinement term L_lr, so that
 # its dbr column is the paper's "DBR" and nrr's the paper's "DBR+LR" (Table 2)
@@ -266,7 +269,6 @@ def figure(args, ipc: int) -> Path | None:
 def charts(args, study: dict) -> list:
     """accuracy_ipc.png (soft-label top-1 against IPC, a line per method) when the study
     has several IPCs; sweep_<name>.png (holdout top-1 against the swept value)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     from nrrdd.charts import line_chart
 
     made = []
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="cam_eps or r values to sweep for nrr, scored on held-out training images")
     p.add_argument("--sweep-ipc", type=int, default=10)
-    p.add_argument("--holdout-per-class", type=int, default=500,
+    p.add_argument("--holdout-per-class", type=int, default=HOLDOUT_PER_CLASS,
                    help="training images per class held out for the sweeps (500 of Fashion-MNIST's 6000)")
     p.add_argument("--cross-student", dest="cross_students", action="append", default=[],
                    help="also evaluate the IPC-10 nrr set on this student arch (repeatable)")

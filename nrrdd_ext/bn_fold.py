@@ -125,6 +125,16 @@ def _foldable_bn(m: nn.Module) -> bool:
     return type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm) and m.running_mean is not None
 
 
+def _probe(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One no-grad forward of ``example`` with the hooks ``handles``, removed after."""
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, str], Dict[str, str]]:
     """{bn name: conv name} for each BatchNorm whose input is a conv's output,
     observed in one eval forward of ``example``; and {bn name: why not} for the rest."""
@@ -151,12 +161,7 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, s
             handles.append(m.register_forward_hook(conv_hook))
     for m in bns:
         handles.append(m.register_forward_pre_hook(bn_hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe(model, example, handles)
     pairs, kept = {}, {}
     for m in bns:
         n = names[m]
@@ -206,13 +211,7 @@ def _mark_overwritten_outputs(folded: nn.Module, example: torch.Tensor) -> None:
         seen[m] = (inputs[0], inputs[0]._version)
 
     layers = folded_layers(folded)
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            folded(example)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe(folded, example, [m.register_forward_hook(hook) for m in layers])
     for m in layers:
         t, version = seen.get(m, (None, 0))
         m.protect_output = t is not None and t._version != version

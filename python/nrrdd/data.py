@@ -373,6 +373,7 @@ def _image_folder(data_dir, split: str, image_size: Optional[int]) -> ImageSet:
 
 
 HOLDOUT_SEED = 20261129  # fixed: every run holds out the same images
+HOLDOUT_PER_CLASS = 500  # default size of the holdout (of Fashion-MNIST's 6000 per class)
 
 
 def holdout_split(ds: ImageSet, per_class: int) -> Tuple[ImageSet, ImageSet]:

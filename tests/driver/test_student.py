@@ -53,6 +53,11 @@ def test_dbr_loss_is_eq_10_on_the_stored_distances():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     ref_op = nrrdd_ext.reference.dbr_loss(s, mb.y_org, mb.y_aug, dt[:, 0].float(), dt[:, 1].float(), 0.4, 1.0)
     assert loss.item() == pytest.approx(ref_op.item(), rel=1e-5)
+    # another margin (nrrdd run --r) reaches the hinge
+    loss_r = student_loss("dbr", s, mb, tg, 20.0, dbr_r=1.5)
+    ref_r = ((d_org - 1.5).clamp_min(0) + (d_aug - 1.5).clamp_min(0)
+             + (d_org - dt[:, 0]).abs() + (d_aug - dt[:, 1]).abs()).mean()
+    assert loss_r.item() == pytest.approx(ref_r.item(), rel=1e-5) and abs(ref_r.item() - ref.item()) > 1e-3
     loss.backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
 

@@ -11,6 +11,17 @@ from pathlib import Path
 from nrrdd.errors import UsageError
 
 
+def add_eval_split_arguments(p: argparse.ArgumentParser) -> None:
+    """--eval-split / --holdout-per-class (shared with `nrrdd run`)."""
+    from nrrdd.data import HOLDOUT_PER_CLASS
+
+    p.add_argument("--eval-split", choices=("test", "holdout"), default="test",
+                   help="score students on the real test set, or on training images held out of "
+                        "distillation (for choosing settings without the test set)")
+    p.add_argument("--holdout-per-class", type=int, default=HOLDOUT_PER_CLASS,
+                   help=f"training images per class held out for --eval-split holdout ({HOLDOUT_PER_CLASS})")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distilled", required=True, help="distilled folder (images.pt, labels.pt, config.json)")
     p.add_argument("--dataset", default=None, help="dataset of the real test set (default: config.json's)")
@@ -33,11 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="for --online / onehot without a labels folder (default 1/factor)")
     p.add_argument("--temperature", type=float, default=None,
                    help="soft-label temperature (default 20 with CutMix, 4 with Mixup)")
-    p.add_argument("--eval-split", choices=("test", "holdout"), default="test",
-                   help="score on the real test set, or on images held out of the training set "
-                        "(for choosing settings; the distilled set must have been made without them)")
-    p.add_argument("--holdout-per-class", type=int, default=500,
-                   help="images per class held out of the training set for --eval-split holdout (500)")
+    add_eval_split_arguments(p)
     p.add_argument("--dbr-r", type=float, default=None, help="hinge margin r of the DBR loss (0.4)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)

@@ -52,6 +52,8 @@ LABEL_MODES = ("dbr", "soft", "compact", "onehot")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nrrdd.commands.evaluate import add_eval_split_arguments
+
     p.add_argument("--dataset", required=True, help="fashion-mnist, cifar10, cifar100 or imagefolder")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: the dataset's)")
@@ -80,11 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the label-refinement term L_lr in refinement (Eq. 11; the paper's DBR+LR)")
     p.add_argument("--r", type=float, default=0.4,
                    help="hinge margin r of label refinement (Eq. 12) and of the DBR loss (Eqs. 9-10)")
-    p.add_argument("--eval-split", choices=("test", "holdout"), default="test",
-                   help="score students on the real test set, or on training images held out of "
-                        "distillation (to choose settings without the test set)")
-    p.add_argument("--holdout-per-class", type=int, default=500,
-                   help="training images per class held out for --eval-split holdout (500)")
+    add_eval_split_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-ddranking", action="store_true",
                    help="also write OUT/ddranking/{images,labels,soft_labels}.pt")
