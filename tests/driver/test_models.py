@@ -146,3 +146,74 @@ def test_teacher_augmentation_modes():
     # a crop of the zero-padded image: every output row/column is a shifted copy or zeros
     assert crops.shape == x.shape and not torch.equal(crops, x)
     assert torch.equal(crops, augment_batch(x, torch.Generator().manual_seed(0), "standard"))
+
+
+def _tiny_split(idx_dir, split):
+    from nrrdd.data import load_split
+
+    return load_split("fashion-mnist", str(idx_dir), split, None)
+
+
+def test_interrupted_teacher_training_resumes_to_identical_weights(idx_dir, tmp_path):
+    from nrrdd.teacher import train_teacher
+
+    train, test = _tiny_split(idx_dir, "train"), _tiny_split(idx_dir, "test")
+    kw = dict(epochs=3, batch_size=20, quiet=True, augment="standard", seed=4)
+    whole, meta = train_teacher("convnet3", train, test, checkpoint=tmp_path / "a.partial", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_teacher("convnet3", train, test, checkpoint=tmp_path / "b.partial", on_epoch_end=stop_after_two, **kw)
+    assert torch.load(tmp_path / "b.partial", weights_only=True)["epoch"] == 2
+    resumed, meta_r = train_teacher("convnet3", train, test, checkpoint=tmp_path / "b.partial", **kw)
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert meta_r["test_accuracy"] == meta["test_accuracy"]
+    with pytest.raises(UsageError, match="other settings.*lr 0.05 there, 0.01 now"):
+        train_teacher("convnet3", train, test, checkpoint=tmp_path / "b.partial", lr=0.01, **kw)
+
+
+def test_bf16_channels_last_teacher_saves_a_plain_fp32_checkpoint(idx_dir, tmp_path):
+    from nrrdd.teacher import train_teacher
+
+    train, test = _tiny_split(idx_dir, "train"), _tiny_split(idx_dir, "test")
+    model, meta = train_teacher("resnet18", train, test, epochs=1, batch_size=20, quiet=True,
+                                bf16=True, channels_last=True)
+    assert meta["precision"] == "bf16" and meta["channels_last"]
+    save_teacher(model, meta, tmp_path / "t.pt")
+    loaded, _ = load_teacher(tmp_path / "t.pt")
+    state = torch.load(tmp_path / "t.pt", weights_only=True)["state_dict"]
+    assert all(v.is_contiguous() and (not v.is_floating_point() or v.dtype == torch.float32) for v in state.values())
+    x = torch.randn(6, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # the first bf16 step's loss is the fp32 loss within bf16 roundoff
+    torch.manual_seed(0)
+    net = build_model("resnet18", 10, 1, 12).to(memory_format=torch.channels_last)
+    xb, yb = next(iter(train.batches(20, "cpu")))
+    ref = torch.nn.functional.cross_entropy(net(xb), yb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = torch.nn.functional.cross_entropy(net(xb.contiguous(memory_format=torch.channels_last)).float(), yb)
+    assert abs(float(low) - float(ref)) < 0.05 * float(ref)
+
+
+def test_train_teacher_cli_keeps_an_unfinished_training(idx_dir, tmp_path, capsys):
+    from nrrdd.cli import main
+    from nrrdd.commands.train_teacher import partial_path
+
+    out = tmp_path / "t.pt"
+    partial = partial_path(out)
+    partial.write_bytes(b"an hour of training")
+    argv = ["train-teacher", "--dataset", "fashion-mnist", "--data-dir", str(idx_dir), "--arch", "convnet3",
+            "--epochs", "1", "--batch-size", "20", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err and partial.read_bytes() == b"an hour of training"
+    assert not out.exists()
+    assert main(argv + ["--force"]) == 0
+    assert out.is_file() and not partial.exists()
