@@ -15,10 +15,12 @@ ones resumed, so the study can be stopped and restarted. Then:
 
 Optional parts:
 
-- ``--sweep cam_eps=0.1,0.3,0.5,0.7,0.9`` / ``--sweep r=0.1,...``: ``nrr`` at IPC
-  ``--sweep-ipc`` (10) for each value, scored on training images held out of
-  distillation (``--eval-split holdout``), never on the test set; the table marks
-  the value with the best holdout top-1;
+- ``--sweep cam_eps=0.1,0.3,0.5,0.7,0.9`` / ``--sweep r=0.1,...`` /
+  ``--sweep crop_min=0.08,0.25,0.5`` (CIDD's crop area range, MIN to 1) /
+  ``--sweep factor=1,2``: ``--sweep-method`` (``nrr``) at IPC ``--sweep-ipc`` (10)
+  for each value, scored on training images held out of distillation
+  (``--eval-split holdout``), never on the test set; the table marks the value
+  with the best holdout top-1;
 - ``--cross-student resnet18 --cross-student mobilenetv2``: the IPC-10 ``nrr`` set
   (distilled with the ConvNet-3 teacher) evaluated on those students, soft labels;
 - ``--cross-teacher CKPT``: ``nrr`` at IPC 10 distilled with another teacher (e.g. a
@@ -46,6 +48,9 @@ METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
 # its dbr column is the paper's "DBR" and nrr's the paper's "DBR+LR" (Table 2)
 EXTRA_METHODS = {"nrr-nolr": ("nrr", ["--no-label-refine"])}
 LABELS = ("soft", "onehot", "dbr")
+# what each sweepable setting becomes on the `nrrdd run` command line ("factor" replaces --factor)
+SWEEP_FLAGS = {"cam_eps": lambda v: ["--cam-eps", v], "r": lambda v: ["--r", v],
+               "crop_min": lambda v: ["--crop-scale", v, "1"], "factor": lambda v: []}
 # the paper's claims, as (better, worse)
 ORDERINGS = (("nrr", "cidd"), ("cidd", "rded"), ("cidd", "random"))
 
@@ -55,20 +60,20 @@ def run_dir(out: Path, ipc: int, method: str) -> Path:
 
 
 def command(args, ipc: int, method: str, out: Path | None = None, labels=None, extra=(),
-            teacher=None) -> list:
+            teacher=None, factor=None) -> list:
     out = out or run_dir(args.out, ipc, method)
     method, more = EXTRA_METHODS.get(method, (method, []))
     extra = [*more, *extra]
     cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--teacher", str(teacher or args.teacher),
            "--method", method, "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--iterations", str(args.iterations),
-           "--mipc", str(args.mipc), "--factor", str(args.factor),
+           "--mipc", str(args.mipc), "--factor", str(factor or args.factor),
            "--out", str(out), "--quiet", *extra]
     return cmd
 
 
-def sweep_dir(out: Path, name: str, value: str) -> Path:
-    return out / f"sweep-{name}-{value}"
+def sweep_dir(out: Path, name: str, value: str, method: str = "nrr") -> Path:
+    return out / (f"sweep-{name}-{value}" if method == "nrr" else f"sweep-{method}-{name}-{value}")
 
 
 def cross_dir(out: Path) -> Path:
@@ -84,11 +89,12 @@ def jobs(args) -> list:
             todo.append((f"ipc {ipc} {m}", d, command(args, ipc, m), d / "run.json"))
     for name, values in args.sweeps:
         for v in values:
-            d = sweep_dir(args.out, name, v)
+            d = sweep_dir(args.out, name, v, args.sweep_method)
             extra = ["--eval-split", "holdout", "--holdout-per-class", str(args.holdout_per_class),
-                     f"--{name.replace('_', '-')}", v]
-            todo.append((f"sweep {name}={v}", d, command(args, args.sweep_ipc, "nrr", d, ["soft"], extra),
-                         d / "run.json"))
+                     *SWEEP_FLAGS[name](v)]
+            cmd = command(args, args.sweep_ipc, args.sweep_method, d, ["soft"], extra,
+                          factor=v if name == "factor" else None)
+            todo.append((f"sweep {args.sweep_method} {name}={v}", d, cmd, d / "run.json"))
     base = run_dir(args.out, 10, "nrr") / "distilled"
     for student in args.cross_students:
         cmd = ["nrrdd", "evaluate", "--distilled", str(base), "--student", student, "--labels", "soft",
@@ -181,12 +187,13 @@ def collect(args) -> dict:
     for name, values in args.sweeps:
         pts = []
         for v in values:
-            f = sweep_dir(args.out, name, v) / "run.json"
+            f = sweep_dir(args.out, name, v, args.sweep_method) / "run.json"
             if f.is_file():
                 pts.append({"value": float(v), **_cell(json.loads(f.read_text())["top1"]["soft"])})
         if pts:
             best = max(pts, key=lambda q: q["mean"])["value"]
-            sweeps.append({"name": name, "ipc": args.sweep_ipc, "points": pts, "best_on_holdout": best})
+            sweeps.append({"name": name, "method": args.sweep_method, "ipc": args.sweep_ipc, "points": pts,
+                           "best_on_holdout": best})
     cross = []
     for student in args.cross_students:
         f = run_dir(args.out, 10, "nrr") / "distilled" / f"eval_soft_{student}.json"
@@ -225,7 +232,7 @@ def table(study: dict) -> str:
         for o in study["orderings"]:
             out.append(f"| {o['ipc']} | {o['claim']} | {o['diff']:+.2f} | {o['two_std']:.2f} | {o['verdict']} |")
     for sw in study.get("sweeps", []):
-        out += ["", f"Sweep of {sw['name']} (nrr, IPC {sw['ipc']}, soft labels, top-1 on held-out "
+        out += ["", f"Sweep of {sw['name']} ({sw.get('method', 'nrr')}, IPC {sw['ipc']}, soft labels, top-1 on held-out "
                     "training images, not the test set):", "",
                 "| " + sw["name"] + " | holdout top-1 |", "|---|---|"]
         for q in sw["points"]:
@@ -280,8 +287,10 @@ def charts(args, study: dict) -> list:
         made.append(line_chart(by_method, args.out / "accuracy_ipc.png", title="Fashion-MNIST, ConvNet-3, soft labels",
                                xlabel="images per class (log scale)", ylabel="top-1 %", log_x=True))
     for sw in study.get("sweeps", []):
-        made.append(line_chart({f"nrr, IPC {sw['ipc']}": [(q["value"], q["mean"]) for q in sw["points"]]},
-                               args.out / f"sweep_{sw['name']}.png", title=f"{sw['name']} sweep (holdout top-1)",
+        method = sw.get("method", "nrr")
+        made.append(line_chart({f"{method}, IPC {sw['ipc']}": [(q["value"], q["mean"]) for q in sw["points"]]},
+                               args.out / (f"sweep_{sw['name']}.png" if method == "nrr"
+                                           else f"sweep_{method}_{sw['name']}.png"), title=f"{sw['name']} sweep (holdout top-1)",
                                xlabel=sw["name"], ylabel="top-1 %"))
     return made
 
@@ -303,7 +312,10 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
-                   help="cam_eps or r values to sweep for nrr, scored on held-out training images")
+                   help="values of cam_eps, r, crop_min or factor to sweep for --sweep-method, scored on "
+                        "held-out training images")
+    p.add_argument("--sweep-method", default="nrr", choices=METHODS + tuple(EXTRA_METHODS),
+                   help="the method the sweeps distil (nrr)")
     p.add_argument("--sweep-ipc", type=int, default=10)
     p.add_argument("--holdout-per-class", type=int, default=HOLDOUT_PER_CLASS,
                    help="training images per class held out for the sweeps (500 of Fashion-MNIST's 6000)")
@@ -320,8 +332,8 @@ def main(argv=None) -> int:
     args.sweeps = []
     for spec in args.sweep:
         name, _, values = spec.partition("=")
-        if name not in ("cam_eps", "r") or not values:
-            p.error(f"--sweep takes cam_eps=V1,V2,... or r=V1,V2,..., got {spec!r}")
+        if name not in SWEEP_FLAGS or not values:
+            p.error(f"--sweep takes NAME=V1,V2,... with NAME one of {', '.join(SWEEP_FLAGS)}, got {spec!r}")
         args.sweeps.append((name, [v for v in values.split(",") if v]))
     if not args.table_only:
         if args.teacher is None or not args.teacher.is_file():

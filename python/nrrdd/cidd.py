@@ -5,7 +5,8 @@ For class y, with the teacher T:
 1. draw ``mipc`` real images of class y (all of them when ``mipc`` is None or
    at least the class size);
 2. draw ``num_crop`` random resized crops per image (torchvision's
-   RandomResizedCrop sampling, scale (0.08, 1), ratio (3/4, 4/3));
+   RandomResizedCrop sampling, ratio (3/4, 4/3), area fraction ``crop_scale``,
+   default (0.08, 1) as torchvision's and RDED's);
 3. score each crop by the mean, over the crop region, of the image's CAM
    (Eq. 1: C_y = sum_k w_{y,k} f_k, min-max normalised, upsampled bilinearly to
    the image size); keep the ``top_t`` best crops per image, resized to the full
@@ -184,7 +185,8 @@ def teacher_outputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, bat
 @torch.no_grad()
 def discover(model: nn.Module, images: torch.Tensor, sources: torch.Tensor, label: int, ipc: int,
              generator: torch.Generator, *, factor: int = 2, num_crop: int = 5, top_t: int = 1,
-             select: str = "lowest", batch_size: int = 100) -> CiddResult:
+             select: str = "lowest", batch_size: int = 100,
+             crop_scale: Sequence[float] = CROP_SCALE) -> CiddResult:
     """Steps 2-5 of the module docstring on ``images`` (N,C,H,W, normalised, on
     the teacher's device), all of class ``label``; ``sources`` (N,) are their
     dataset indices. ``model`` must be in eval mode."""
@@ -199,7 +201,7 @@ def discover(model: nn.Module, images: torch.Tensor, sources: torch.Tensor, labe
     device = images.device
     y = torch.full((N,), int(label), dtype=torch.int64, device=device)
     _, cams = teacher_outputs(model, images, y, batch_size, cam_size=(H, W))
-    boxes = random_resized_boxes(N * num_crop, H, W, generator).view(N, num_crop, 4)
+    boxes = random_resized_boxes(N * num_crop, H, W, generator, scale=crop_scale).view(N, num_crop, 4)
     scores = box_means(cams, boxes)                                         # (N, num_crop)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_t].cpu()
     pool_box = boxes.gather(1, order[:, :, None].expand(-1, -1, 4)).reshape(-1, 4)  # (N*top_t, 4)
@@ -236,14 +238,14 @@ def class_candidates(labels: torch.Tensor, label: int, mipc: Optional[int],
 def cidd_class(model: nn.Module, dataset, label: int, ipc: int, seed: int,
                device: torch.device | str, *, mipc: Optional[int] = 300, factor: int = 2,
                num_crop: int = 5, top_t: int = 1, select: str = "lowest",
-               batch_size: int = 100) -> CiddResult:
+               batch_size: int = 100, crop_scale: Sequence[float] = CROP_SCALE) -> CiddResult:
     """CIDD for one class of an :class:`nrrdd.data.ImageSet` (already normalised as
     the teacher expects), seeded from (seed, label) only."""
     g = generator_for(seed, "cidd", label)
     src = class_candidates(dataset.labels, label, mipc, g)
     images = dataset.normalize(dataset.get(src).to(device))
     return discover(model, images, src, label, ipc, g, factor=factor, num_crop=num_crop,
-                    top_t=top_t, select=select, batch_size=batch_size)
+                    top_t=top_t, select=select, batch_size=batch_size, crop_scale=crop_scale)
 
 
 def pool_size(class_size: int, mipc: Optional[int], top_t: int, num_crop: int) -> int:
@@ -258,6 +260,6 @@ def factor_cells(size: int, factor: int) -> int:
         if factor > 0 else 0
 
 
-__all__ = ["CiddResult", "box_means", "cidd_class", "class_candidates", "crop_resize",
+__all__ = ["CROP_SCALE", "CiddResult", "box_means", "cidd_class", "class_candidates", "crop_resize",
            "derive_seed", "discover", "generator_for", "pool_size", "random_resized_boxes",
            "stitch", "teacher_outputs"]

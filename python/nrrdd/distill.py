@@ -54,7 +54,7 @@ import torch
 
 from nrrdd import distributed as D
 from nrrdd import storage
-from nrrdd.cidd import SELECT_MODES, cidd_class, factor_cells, generator_for, pool_size
+from nrrdd.cidd import CROP_SCALE, SELECT_MODES, cidd_class, factor_cells, generator_for, pool_size
 from nrrdd.errors import UsageError
 from nrrdd.refine import MASK_MODES, RefineConfig, Refiner, fast_config
 
@@ -79,6 +79,8 @@ class DistillSettings:
     mipc: Optional[int] = 300              # None: every image of the class
     num_crop: int = 5
     top_t: int = 1
+    crop_min_scale: float = CROP_SCALE[0]  # area fraction of CIDD's random resized crops
+    crop_max_scale: float = CROP_SCALE[1]
     select: str = "lowest"
     mask: str = "cam"
     label_refine: bool = True
@@ -153,6 +155,8 @@ def _check_numbers(s: DistillSettings) -> None:
         raise UsageError(f"--holdout-per-class must be >= 0, got {s.holdout_per_class}")
     if s.mipc is not None and s.mipc < 1:
         raise UsageError(f"--mipc must be at least 1 (or 'all'), got {s.mipc}")
+    if not 0 < s.crop_min_scale <= s.crop_max_scale <= 1:
+        raise UsageError(f"--crop-scale takes 0 < MIN <= MAX <= 1, got {s.crop_min_scale:g} {s.crop_max_scale:g}")
     if s.select not in SELECT_MODES:
         raise UsageError(f"--select must be one of {', '.join(SELECT_MODES)}, got {s.select!r}")
     if s.mask not in MASK_MODES:
@@ -408,7 +412,8 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     resumed += nc - len(todo)
     for c in tqdm(D.shard(todo), desc="CIDD", unit="class", disable=not show):
         r = cidd_class(p.teacher, ds, c, ipc, s.seed, device, mipc=s.mipc, factor=s.factor,
-                       num_crop=s.num_crop, top_t=s.top_t, select=s.select, batch_size=s.batch_size)
+                       num_crop=s.num_crop, top_t=s.top_t, select=s.select, batch_size=s.batch_size,
+                       crop_scale=(s.crop_min_scale, s.crop_max_scale))
         unit = {"images": r.images.cpu(), "patch_confidence": r.patch_confidence.cpu(),
                 "patch_source": r.patch_source, "patch_box": r.patch_box}
         storage.save_torch(unit, cidd_dir / f"{c:05d}.pt")

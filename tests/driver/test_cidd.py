@@ -28,6 +28,14 @@ def test_random_resized_boxes_follow_torchvision_ranges():
     assert torch.equal(b, again)
 
 
+def test_random_resized_boxes_respect_a_narrow_scale():
+    b = random_resized_boxes(4000, 24, 32, torch.Generator().manual_seed(1), scale=(0.5, 0.6))
+    area = (b[:, 2] * b[:, 3]).double() / (24 * 32)
+    # w and h are rounded to whole pixels: at most half a pixel each way of 24-32 px sides
+    assert float(area.min()) > 0.5 * (1 - 1 / 24) ** 2 and float(area.max()) < 0.6 * (1 + 1 / 24) ** 2
+    assert abs(float(area.mean()) - 0.55) < 0.01
+
+
 def test_box_means_equal_brute_force():
     g = torch.Generator().manual_seed(1)
     maps = torch.rand(3, 10, 12, generator=g, dtype=torch.float64)
@@ -85,16 +93,18 @@ def _brute_force(model, images, label, boxes, num_crop, top_t, need, select):
     return pool, ranked[:need]
 
 
-@pytest.mark.parametrize("select", ["lowest", "highest"])
-def test_selection_equals_brute_force(select):
+@pytest.mark.parametrize("select,crop_scale", [("lowest", (0.08, 1.0)), ("highest", (0.08, 1.0)),
+                                               ("lowest", (0.5, 1.0))])
+def test_selection_equals_brute_force(select, crop_scale):
     torch.manual_seed(0)
     model = small_convnet(num_classes=4, image_size=12, dtype=torch.float64)
     images = torch.randn(6, 1, 12, 12, dtype=torch.float64)
     sources = torch.arange(100, 106)
     num_crop, top_t, ipc, factor = 4, 2, 2, 2
     res = discover(model, images, sources, 1, ipc, torch.Generator().manual_seed(7), factor=factor,
-                   num_crop=num_crop, top_t=top_t, select=select, batch_size=5)
-    boxes = random_resized_boxes(6 * num_crop, 12, 12, torch.Generator().manual_seed(7)).view(6, num_crop, 4)
+                   num_crop=num_crop, top_t=top_t, select=select, batch_size=5, crop_scale=crop_scale)
+    boxes = random_resized_boxes(6 * num_crop, 12, 12, torch.Generator().manual_seed(7),
+                                 scale=crop_scale).view(6, num_crop, 4)
     pool, chosen = _brute_force(model, images, 1, boxes, num_crop, top_t, ipc * factor ** 2, select)
     assert res.pool_confidence.numel() == len(pool) == 12
     assert sorted(res.pool_confidence.tolist()) == pytest.approx(sorted(p for p, _, _ in pool), abs=1e-10)

@@ -185,6 +185,8 @@ def test_bad_inputs_exit_2_and_touch_nothing(folder_dir, teacher_path, occupied,
         "resume and force": base + ["--resume", "--force"],
         "pool too small": _args(folder_dir, teacher_path, occupied, "--force", "--factor", "3"),
         "cuda graph on cpu": _args(folder_dir, teacher_path, occupied, "--force", "--cuda-graph"),
+        "crop scale upside down": _args(folder_dir, teacher_path, occupied, "--force", "--crop-scale", "0.6", "0.2"),
+        "crop scale above 1": _args(folder_dir, teacher_path, occupied, "--force", "--crop-scale", "0.5", "1.5"),
     }
     before = _snapshot(occupied)
     for what, argv in cases.items():

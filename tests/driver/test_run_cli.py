@@ -110,8 +110,9 @@ def test_bad_input_exits_2_before_work(data, tmp_path, capsys):
     assert run("--dataset", "imagefolder", "--data-dir", str(data), "--ipc", "11") == 2  # 10 per class
     assert run("--dataset", "imagefolder", "--data-dir", str(data), "--mipc", "1") == 2  # pool too small
     assert run("--dataset", "imagefolder", "--data-dir", str(data), "--teacher", str(tmp_path / "t.pt")) == 2
+    assert run("--dataset", "imagefolder", "--data-dir", str(data), "--crop-scale", "0", "1") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 8 and all(e.startswith("nrrdd run: error: ") for e in err)
+    assert len(err) == 9 and all(e.startswith("nrrdd run: error: ") for e in err)
     assert not (tmp_path / "o" / "teacher.pt").exists()
 
 
@@ -178,10 +179,15 @@ def test_holdout_evaluation_keeps_the_scored_images_out(data, tmp_path):
 def test_no_label_refine_reaches_the_refinement(data, tmp_path):
     out = tmp_path / "nolr"
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), "--method", "nrr",
-                 "--labels", "onehot", "--no-label-refine", "--cam-eps", "0.3", *TINY]) == 0
+                 "--labels", "onehot", "--no-label-refine", "--cam-eps", "0.3", "--crop-scale", "0.5", "0.7",
+                 *TINY]) == 0
     cfg = json.loads((out / "distilled" / "config.json").read_text())
     assert cfg["refine"]["label_refine"] is False and cfg["refine"]["cam_eps"] == 0.3
+    assert (cfg["run"]["crop_min_scale"], cfg["run"]["crop_max_scale"]) == (0.5, 0.7)
+    box = torch.load(out / "distilled" / "patches.pt")["box"].view(-1, 4).double()
+    area = box[:, 2] * box[:, 3] / SIZE ** 2  # whole-pixel rounding: half a pixel each way
+    assert float(area.min()) > 0.5 * (1 - 1 / SIZE) ** 2 and float(area.max()) < 0.7 * (1 + 1 / SIZE) ** 2
     log = [json.loads(line) for line in (out / "distilled" / "log.jsonl").read_text().splitlines()]
     assert log and all(r["lr"] == 0.0 for r in log)  # the L_lr term is off
     run = json.loads((out / "run.json").read_text())
-    assert run["label_refine"] is False and run["cam_eps"] == 0.3
+    assert run["label_refine"] is False and run["cam_eps"] == 0.3 and run["crop_scale"] == [0.5, 0.7]

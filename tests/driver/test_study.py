@@ -90,3 +90,30 @@ def test_table_picks_up_students_added_later(done, idx_dir):
     cell = data["rows"]["1/cidd"]["top1"]["onehot"]
     assert cell["n"] == 3 and cell["values"] == json.loads((dist / "eval_onehot_convnet3.json").read_text())["top1"]
     assert "(n=3)" in (out / "study.md").read_text()
+
+
+def test_crop_and_factor_sweeps_of_another_method(done, idx_dir, capsys):
+    """--sweep-method cidd --sweep crop_min=... --sweep factor=...: the commands each point
+    runs, then one point run for real and read back into the table."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    base = ["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--method", "cidd", "--labels", "soft", "--seeds", "1", "--epochs", "1", "--iterations", "1",
+            "--mipc", "4", "--factor", "1", "--sweep-ipc", "1", "--holdout-per-class", "1", "--device", "cpu",
+            "--sweep-method", "cidd"]
+    capsys.readouterr()
+    assert study.main(base + ["--sweep", "crop_min=0.25,0.5", "--sweep", "factor=2", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "sweep cidd" in ln]
+    assert len(lines) == 3
+    assert "--crop-scale 0.25 1" in lines[0] and "--crop-scale 0.5 1" in lines[1]
+    assert "--method cidd" in lines[0] and "--eval-split holdout" in lines[0]
+    assert "sweep-cidd-crop_min-0.25" in lines[0] and "--factor 2" in lines[2] and "--factor 1" not in lines[2]
+    assert study.main(base + ["--sweep", "crop_min=0.5"]) == 0
+    run = json.loads((out / "sweep-cidd-crop_min-0.5" / "run.json").read_text())
+    assert run["crop_scale"] == [0.5, 1.0] and run["eval_split"] == "holdout" and run["method"] == "cidd"
+    data = json.loads((out / "study.json").read_text())
+    (sw,) = data["sweeps"]
+    assert (sw["name"], sw["method"]) == ("crop_min", "cidd")
+    assert sw["points"][0]["values"] == run["top1"]["soft"]
+    assert "Sweep of crop_min (cidd" in (out / "study.md").read_text()
+    assert (out / "sweep_cidd_crop_min.png").is_file()

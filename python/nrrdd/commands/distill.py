@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--mipc", type=_mipc, default=300, help="real images per class, or 'all' (300)")
     c.add_argument("--num-crop", type=int, default=5, help="random resized crops per image (5)")
     c.add_argument("--top-t", type=int, default=1, help="crops kept per image by CAM score (1)")
+    c.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area fraction of the random resized crops (0.08 1, as RDED)")
     c.add_argument("--factor", type=int, default=2, help="patches per side of a synthetic image (2)")
     c.add_argument("--select", choices=("lowest", "highest", "random"), default="lowest",
                    help="teacher-confidence selection (lowest: NRR-DD; highest: RDED)")
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset, teacher=args.teacher, ipc=args.ipc, out=args.out,
         data_dir=args.data_dir, image_size=args.image_size, teacher_arch=args.teacher_arch,
         iterations=args.iterations, factor=args.factor, mipc=args.mipc, num_crop=args.num_crop,
-        top_t=args.top_t, select=args.select, mask=args.mask, label_refine=args.label_refine,
+        top_t=args.top_t, crop_min_scale=args.crop_scale[0], crop_max_scale=args.crop_scale[1],
+        select=args.select, mask=args.mask, label_refine=args.label_refine,
         batch_size=args.batch_size, seed=args.seed, device=device, cuda_graph=args.cuda_graph,
         fast=args.fast,
         lr=args.lr, cam_eps=args.cam_eps, r=args.r, alpha_lr=args.alpha_lr,

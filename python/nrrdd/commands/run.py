@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
     p.add_argument("--seeds", type=int, default=None, help="students per label mode")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area fraction of CIDD's random resized crops (0.08 1)")
     p.add_argument("--cam-eps", type=float, default=0.5, help="epsilon of the non-critical mask (Eq. 4)")
     p.add_argument("--label-refine", action=argparse.BooleanOptionalAction, default=True,
                    help="the label-refinement term L_lr in refinement (Eq. 11; the paper's DBR+LR)")
@@ -172,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
     for flag, v in (("--cam-eps", args.cam_eps), ("--r", args.r)):
         if not (0 <= v < float("inf")):
             raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
+    lo, hi = args.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise UsageError(f"--crop-scale takes 0 < MIN <= MAX <= 1, got {lo:g} {hi:g}")
     if args.eval_split == "holdout" and args.holdout_per_class < 1:
         raise UsageError(f"--holdout-per-class must be at least 1, got {args.holdout_per_class}")
     if args.dataset not in DATASETS:
@@ -264,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
             mipc=P["mipc"], num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
             mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
             device=str(device), method=args.method, quiet=args.quiet, fast=args.fast,
-            cam_eps=args.cam_eps, r=args.r, holdout_per_class=held, label_refine=args.label_refine)
+            cam_eps=args.cam_eps, r=args.r, holdout_per_class=held, label_refine=args.label_refine,
+            crop_min_scale=args.crop_scale[0], crop_max_scale=args.crop_scale[1])
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     timings["distill"] = time.perf_counter() - t
@@ -310,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": timings, "torch_version": torch.__version__,
         "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
         "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r, "label_refine": args.label_refine,
+        "crop_scale": list(args.crop_scale),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }, out / "run.json")
     say(table.rstrip())
