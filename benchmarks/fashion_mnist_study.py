@@ -19,8 +19,10 @@ Optional parts:
   ``--sweep crop_min=0.08,0.25,0.5`` (CIDD's crop area range, MIN to 1) /
   ``--sweep factor=1,2``: ``--sweep-method`` (``nrr``) at IPC ``--sweep-ipc`` (10)
   for each value, scored on training images held out of distillation
-  (``--eval-split holdout``), never on the test set; the table marks the value
-  with the best holdout top-1;
+  (``--eval-split holdout``), never on the test set, with the students of each
+  ``--sweep-labels`` mode (soft; r also sets the DBR loss's margin, so sweep it with
+  ``--sweep-labels soft,dbr``); the table marks the value with the best holdout
+  top-1 of the first mode;
 - ``--cross-student resnet18 --cross-student mobilenetv2``: the IPC-10 ``nrr`` set
   (distilled with the ConvNet-3 teacher) evaluated on those students, soft labels;
 - ``--cross-teacher CKPT``: ``nrr`` at IPC 10 distilled with another teacher (e.g. a
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # a checkout's nrrdd first
+from nrrdd.commands.run import LABEL_MODES  # noqa: E402
 from nrrdd.data import HOLDOUT_PER_CLASS  # noqa: E402
 
 METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
@@ -92,7 +95,7 @@ def jobs(args) -> list:
             d = sweep_dir(args.out, name, v, args.sweep_method)
             extra = ["--eval-split", "holdout", "--holdout-per-class", str(args.holdout_per_class),
                      *SWEEP_FLAGS[name](v)]
-            cmd = command(args, args.sweep_ipc, args.sweep_method, d, ["soft"], extra,
+            cmd = command(args, args.sweep_ipc, args.sweep_method, d, args.sweep_labels, extra,
                           factor=v if name == "factor" else None)
             todo.append((f"sweep {args.sweep_method} {name}={v}", d, cmd, d / "run.json"))
     base = run_dir(args.out, 10, "nrr") / "distilled"
@@ -189,11 +192,14 @@ def collect(args) -> dict:
         for v in values:
             f = sweep_dir(args.out, name, v, args.sweep_method) / "run.json"
             if f.is_file():
-                pts.append({"value": float(v), **_cell(json.loads(f.read_text())["top1"]["soft"])})
+                r = json.loads(f.read_text())
+                cells = {m: _cell(r["top1"][m]) for m in args.sweep_labels if r["top1"].get(m)}
+                if args.sweep_labels[0] in cells:  # the point's own numbers are those of the first mode
+                    pts.append({"value": float(v), **cells[args.sweep_labels[0]], "labels": cells})
         if pts:
             best = max(pts, key=lambda q: q["mean"])["value"]
             sweeps.append({"name": name, "method": args.sweep_method, "ipc": args.sweep_ipc, "points": pts,
-                           "best_on_holdout": best})
+                           "label_modes": list(args.sweep_labels), "best_on_holdout": best})
     cross = []
     for student in args.cross_students:
         f = run_dir(args.out, 10, "nrr") / "distilled" / f"eval_soft_{student}.json"
@@ -232,12 +238,17 @@ def table(study: dict) -> str:
         for o in study["orderings"]:
             out.append(f"| {o['ipc']} | {o['claim']} | {o['diff']:+.2f} | {o['two_std']:.2f} | {o['verdict']} |")
     for sw in study.get("sweeps", []):
-        out += ["", f"Sweep of {sw['name']} ({sw.get('method', 'nrr')}, IPC {sw['ipc']}, soft labels, top-1 on held-out "
-                    "training images, not the test set):", "",
-                "| " + sw["name"] + " | holdout top-1 |", "|---|---|"]
+        modes = sw.get("label_modes", ["soft"])
+        out += ["", f"Sweep of {sw['name']} ({sw.get('method', 'nrr')}, IPC {sw['ipc']}, top-1 on held-out "
+                    "training images, not the test set; best by the first label mode):", "",
+                "| " + sw["name"] + " | " + " | ".join(f"holdout top-1, {m} labels" for m in modes) + " |",
+                "|---|" + "---|" * len(modes)]
         for q in sw["points"]:
-            mark = " (best)" if q["value"] == sw["best_on_holdout"] else ""
-            out.append(f"| {q['value']:g} | {q['mean']:.2f} ± {q['std']:.2f}{mark} |")
+            cells = q.get("labels", {modes[0]: q})
+            row = [f"{cells[m]['mean']:.2f} ± {cells[m]['std']:.2f}" if m in cells else "" for m in modes]
+            if q["value"] == sw["best_on_holdout"]:
+                row[0] += " (best)"
+            out.append(f"| {q['value']:g} | " + " | ".join(row) + " |")
     if study.get("cross"):
         out += ["", "Cross-architecture (nrr, IPC 10, soft labels):", "",
                 "| distilled with | student | top-1 |", "|---|---|---|"]
@@ -288,7 +299,11 @@ def charts(args, study: dict) -> list:
                                xlabel="images per class (log scale)", ylabel="top-1 %", log_x=True))
     for sw in study.get("sweeps", []):
         method = sw.get("method", "nrr")
-        made.append(line_chart({f"{method}, IPC {sw['ipc']}": [(q["value"], q["mean"]) for q in sw["points"]]},
+        modes = sw.get("label_modes", ["soft"])
+        lines = {f"{method}, IPC {sw['ipc']}, {m} labels": [(q["value"], q["labels"][m]["mean"])
+                                                           for q in sw["points"] if m in q.get("labels", {})]
+                 for m in modes}
+        made.append(line_chart({k: v for k, v in lines.items() if v},
                                args.out / (f"sweep_{sw['name']}.png" if method == "nrr"
                                            else f"sweep_{method}_{sw['name']}.png"), title=f"{sw['name']} sweep (holdout top-1)",
                                xlabel=sw["name"], ylabel="top-1 %"))
@@ -317,6 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-method", default="nrr", choices=METHODS + tuple(EXTRA_METHODS),
                    help="the method the sweeps distil (nrr)")
     p.add_argument("--sweep-ipc", type=int, default=10)
+    p.add_argument("--sweep-labels", default="soft",
+                   help="comma-separated label modes the sweeps' students learn from (soft)")
     p.add_argument("--holdout-per-class", type=int, default=HOLDOUT_PER_CLASS,
                    help="training images per class held out for the sweeps (500 of Fashion-MNIST's 6000)")
     p.add_argument("--cross-student", dest="cross_students", action="append", default=[],
@@ -329,6 +346,9 @@ def main(argv=None) -> int:
     args.ipc = args.ipc or [1, 10, 50]
     args.methods = args.methods or list(METHODS)
     args.labels = [m for m in args.labels.split(",") if m]
+    args.sweep_labels = [m for m in args.sweep_labels.split(",") if m]
+    if not args.sweep_labels or not set(args.sweep_labels) <= set(LABEL_MODES):
+        p.error(f"--sweep-labels takes {', '.join(LABEL_MODES)} (comma-separated), got {','.join(args.sweep_labels)!r}")
     args.sweeps = []
     for spec in args.sweep:
         name, _, values = spec.partition("=")

@@ -108,12 +108,15 @@ def test_crop_and_factor_sweeps_of_another_method(done, idx_dir, capsys):
     assert "--crop-scale 0.25 1" in lines[0] and "--crop-scale 0.5 1" in lines[1]
     assert "--method cidd" in lines[0] and "--eval-split holdout" in lines[0]
     assert "sweep-cidd-crop_min-0.25" in lines[0] and "--factor 2" in lines[2] and "--factor 1" not in lines[2]
-    assert study.main(base + ["--sweep", "crop_min=0.5"]) == 0
+    assert study.main(base + ["--sweep", "crop_min=0.5", "--sweep-labels", "soft,dbr"]) == 0
     run = json.loads((out / "sweep-cidd-crop_min-0.5" / "run.json").read_text())
     assert run["crop_scale"] == [0.5, 1.0] and run["eval_split"] == "holdout" and run["method"] == "cidd"
     data = json.loads((out / "study.json").read_text())
     (sw,) = data["sweeps"]
-    assert (sw["name"], sw["method"]) == ("crop_min", "cidd")
-    assert sw["points"][0]["values"] == run["top1"]["soft"]
-    assert "Sweep of crop_min (cidd" in (out / "study.md").read_text()
+    assert (sw["name"], sw["method"], sw["label_modes"]) == ("crop_min", "cidd", ["soft", "dbr"])
+    (pt,) = sw["points"]
+    assert pt["values"] == run["top1"]["soft"] and pt["labels"]["dbr"]["values"] == run["top1"]["dbr"]
+    md = (out / "study.md").read_text()
+    assert "Sweep of crop_min (cidd" in md and "holdout top-1, dbr labels" in md
+    assert f"| 0.5 | {pt['mean']:.2f} ± 0.00 (best) | {pt['labels']['dbr']['mean']:.2f} ± 0.00 |" in md
     assert (out / "sweep_cidd_crop_min.png").is_file()
