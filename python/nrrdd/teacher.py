@@ -15,6 +15,16 @@ augmentation, drawn per batch on the device:
   93.6%; 47 min wall on a shared 2-core CPU, about 170 s per epoch when not shared):
   ``nrrdd train-teacher --dataset fashion-mnist --arch convnet3 --epochs 8 --augment flip``.
 
+Speed on a CPU: ``bf16=True`` (bfloat16 autocast) with ``channels_last=True`` uses
+the CPU's AMX tiles where it has them. Measured on this project's 2-core Xeon
+(AMX-BF16), ResNet-18 (small stem) on 28 px Fashion-MNIST, batch 128, one SGD step:
+1.52 s fp32, 0.73 s bf16, 0.61 s bf16 + channels_last (2.5x); an epoch went from
+about 12 to 5 minutes.
+
+Long trainings resume: with ``checkpoint`` the full state is saved after every
+epoch (``nrrdd train-teacher`` keeps it in ``OUT.partial`` until the checkpoint
+is written, and ``--resume`` continues from it).
+
 The checkpoint (``save_teacher``) is a dict of plain values and the state dict,
 so it loads with ``torch.load(weights_only=True)``.
 """
