@@ -50,7 +50,8 @@ METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
 # beyond the default five: nrr refined without the label-refinement term L_lr, so that
 # its dbr column is the paper's "DBR" and nrr's the paper's "DBR+LR" (Table 2)
 EXTRA_METHODS = {"nrr-nolr": ("nrr", ["--no-label-refine"])}
-LABELS = ("soft", "onehot", "dbr")
+# the label columns: soft, one-hot, compact (top-2) and DBR; nrr is DBR+LR, nrr-nolr plain DBR
+LABELS = ("soft", "onehot", "compact", "dbr")
 # what each sweepable setting becomes on the `nrrdd run` command line ("factor" replaces --factor)
 SWEEP_FLAGS = {"cam_eps": lambda v: ["--cam-eps", v], "r": lambda v: ["--r", v],
                "crop_min": lambda v: ["--crop-scale", v, "1"], "factor": lambda v: []}
