@@ -6,7 +6,7 @@ For class y, with the teacher T:
    at least the class size);
 2. draw ``num_crop`` random resized crops per image (torchvision's
    RandomResizedCrop sampling, ratio (3/4, 4/3), area fraction ``crop_scale``,
-   default (0.08, 1) as torchvision's and RDED's);
+   default (0.08, 1), torchvision's);
 3. score each crop by the mean, over the crop region, of the image's CAM
    (Eq. 1: C_y = sum_k w_{y,k} f_k, min-max normalised, upsampled bilinearly to
    the image size); keep the ``top_t`` best crops per image, resized to the full
