@@ -235,3 +235,22 @@ def test_real_fashion_mnist_smoke(tmp_path):
     assert (out / "images" / "Ankle boot" / "0.png").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data_dir"] is None and cfg["dataset"] == "fashion-mnist" and cfg["mean"] == [0.286]
+
+
+def test_holdout_per_class_keeps_the_held_images_out_of_cidd(folder_dir, teacher_path, tmp_path):
+    """`nrrdd distill --holdout-per-class N`: no patch comes from a held-out image, and the
+    set is recorded as made with N (what `evaluate --eval-split holdout` checks)."""
+    from nrrdd.data import holdout_split, load_split
+
+    out = tmp_path / "held"
+    assert main(_args(folder_dir, teacher_path, out, "--holdout-per-class", "3", "--iterations", "0",
+                      "--factor", "1")) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["holdout_per_class"] == 3
+    train = load_split("imagefolder", str(folder_dir), "train", cfg["image_size"])
+    held = holdout_split(train, 3)[1]
+    held_idx = set(held.split_index(range(len(held))).tolist())
+    sources = torch.load(out / "patches.pt")["source"].flatten().tolist()
+    assert len(held_idx) == 3 * train.num_classes and len(sources) == 2 * train.num_classes
+    assert not held_idx & set(sources)
+    assert main(_args(folder_dir, teacher_path, tmp_path / "bad", "--holdout-per-class", "-1")) == 2

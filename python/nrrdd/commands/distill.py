@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--teacher", required=True, help="checkpoint from `nrrdd train-teacher`, or a "
                    "timm/torchvision state dict (then give --teacher-arch)")
     d.add_argument("--teacher-arch", default=None, help="arch of a plain state-dict teacher")
+    d.add_argument("--holdout-per-class", type=int, default=0,
+                   help="keep this many training images per class out of distillation, for "
+                        "`nrrdd evaluate --eval-split holdout` (nrrdd.data.holdout_split; default 0)")
     o = p.add_argument_group("output")
     o.add_argument("--ipc", type=int, required=True, help="images per class")
     o.add_argument("--out", required=True, help="output folder")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         top_t=args.top_t, crop_min_scale=args.crop_scale[0], crop_max_scale=args.crop_scale[1],
         select=args.select, mask=args.mask, label_refine=args.label_refine,
         batch_size=args.batch_size, seed=args.seed, device=device, cuda_graph=args.cuda_graph,
-        fast=args.fast,
+        fast=args.fast, holdout_per_class=args.holdout_per_class,
         lr=args.lr, cam_eps=args.cam_eps, r=args.r, alpha_lr=args.alpha_lr,
         alpha_bn=args.alpha_bn, first_bn_multiplier=args.first_bn_multiplier,
         log_every=args.log_every, quiet=args.quiet)
