@@ -143,6 +143,12 @@ class _Plan:
     fast_info: Dict[str, Any] = field(default_factory=dict)
 
 
+def check_crop_scale(lo: float, hi: float) -> None:
+    """--crop-scale MIN MAX: area fractions with 0 < MIN <= MAX <= 1."""
+    if not 0 < lo <= hi <= 1:
+        raise UsageError(f"--crop-scale takes 0 < MIN <= MAX <= 1, got {lo:g} {hi:g}")
+
+
 def _check_numbers(s: DistillSettings) -> None:
     positive = {"--ipc": s.ipc, "--factor": s.factor, "--num-crop": s.num_crop,
                 "--top-t": s.top_t, "--batch-size": s.batch_size, "--log-every": s.log_every}
@@ -155,8 +161,7 @@ def _check_numbers(s: DistillSettings) -> None:
         raise UsageError(f"--holdout-per-class must be >= 0, got {s.holdout_per_class}")
     if s.mipc is not None and s.mipc < 1:
         raise UsageError(f"--mipc must be at least 1 (or 'all'), got {s.mipc}")
-    if not 0 < s.crop_min_scale <= s.crop_max_scale <= 1:
-        raise UsageError(f"--crop-scale takes 0 < MIN <= MAX <= 1, got {s.crop_min_scale:g} {s.crop_max_scale:g}")
+    check_crop_scale(s.crop_min_scale, s.crop_max_scale)
     if s.select not in SELECT_MODES:
         raise UsageError(f"--select must be one of {', '.join(SELECT_MODES)}, got {s.select!r}")
     if s.mask not in MASK_MODES:

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def _atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -51,3 +51,27 @@ def append_jsonl(record: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def settings_diff(old: Optional[dict], new: dict) -> str:
+    """'key A there, B now, ...' for the keys whose values differ."""
+    if not isinstance(old, dict):
+        return "no settings recorded"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+
+
+def load_resume_state(path: Path, settings: dict, what: str) -> dict:
+    """The state an earlier run saved at ``path`` (``torch.save`` of a dict with a
+    ``settings`` entry), refused with a :class:`UsageError` naming the settings that
+    differ when they are not ``settings``: a resumed run must equal an uninterrupted one."""
+    import torch
+
+    from nrrdd.errors import UsageError
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        raise UsageError(f"{path} holds {what} made with other settings "
+                         f"({settings_diff(state.get('settings'), settings)}): "
+                         "rerun with the same ones, or without --resume")
+    return state

@@ -56,7 +56,6 @@ from nrrdd import labels as L
 from nrrdd import storage
 from nrrdd.augment import AugmentConfig, MixedBatch, derive_seed, num_batches, replay_epoch
 from nrrdd.distilled_set import DistilledSet
-from nrrdd.errors import UsageError
 
 DBR_R = 0.4  # the hinge margin r of Eqs. 9-10
 DBR_ALPHA = 1.0  # the weight α_dbr of the distance-matching term
@@ -192,9 +191,7 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
     opt = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
     start_epoch, seconds, last_loss = 0, 0.0, float("nan")
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("settings") != settings:
-            raise UsageError(f"checkpoint {checkpoint} was made with other settings: rerun without --resume")
+        state = storage.load_resume_state(checkpoint, settings, "a student training")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, seconds, last_loss = state["epoch"], state["seconds"], state["loss"]

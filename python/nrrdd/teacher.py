@@ -155,11 +155,7 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
                 "weight_decay": wd, "augment": augment, "bf16": bf16, "channels_last": channels_last}
     first_epoch, done_seconds = 0, 0.0
     if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("settings") != settings:
-            raise UsageError(f"{checkpoint} holds a teacher trained with other settings "
-                             f"({_settings_diff(state.get('settings'), settings)}): "
-                             "rerun with the same ones, or without --resume")
+        state = storage.load_resume_state(Path(checkpoint), settings, "a teacher training")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -214,13 +210,6 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
         "train_seconds": time.perf_counter() - start,
     }
     return model, meta
-
-
-def _settings_diff(old: Optional[Dict[str, Any]], new: Dict[str, Any]) -> str:
-    if not isinstance(old, dict):
-        return "no settings recorded"
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
 
 
 def save_teacher(model: nn.Module, meta: Dict[str, Any], path: str | Path) -> None:

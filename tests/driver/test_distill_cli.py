@@ -254,3 +254,12 @@ def test_holdout_per_class_keeps_the_held_images_out_of_cidd(folder_dir, teacher
     assert len(held_idx) == 3 * train.num_classes and len(sources) == 2 * train.num_classes
     assert not held_idx & set(sources)
     assert main(_args(folder_dir, teacher_path, tmp_path / "bad", "--holdout-per-class", "-1")) == 2
+
+
+def test_crop_scale_cli_default_is_the_library_default():
+    from nrrdd.cidd import CROP_SCALE
+    from nrrdd.cli import build_parser
+
+    for command, argv in (("distill", ["--dataset", "x", "--teacher", "t", "--ipc", "1", "--out", "o"]),
+                          ("run", ["--dataset", "x"])):
+        assert tuple(build_parser(command).parse_args([command, *argv]).crop_scale) == CROP_SCALE

@@ -14,6 +14,7 @@ from nrrdd.augment import AugmentConfig, replay_batch
 from nrrdd.cli import main
 from nrrdd.data import load_split
 from nrrdd.distilled_set import load_distilled
+from nrrdd.errors import UsageError
 from nrrdd.student import StoredLabels, student_loss, train_student
 from nrrdd_toy import fresh_seed, make_distilled, make_imagefolder, make_teacher
 
@@ -153,7 +154,7 @@ def test_interrupted_student_resumes_to_the_same_result(setup):
     resumed = train_student(*args[:3], stored, *args[4:], checkpoint=ckpt, settings={"k": 1}, quiet=True)
     fresh = train_student(*args[:3], stored, *args[4:], quiet=True)
     assert resumed.final_loss == fresh.final_loss and resumed.top1 == fresh.top1
-    with pytest.raises(Exception):  # a checkpoint of other settings is refused
+    with pytest.raises(UsageError, match="other settings \\(k 1 there, 2 now\\)"):  # named, and refused
         train_student(*args[:3], stored, *args[4:], checkpoint=ckpt, settings={"k": 2}, quiet=True)
 
 

@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--mipc", type=_mipc, default=300, help="real images per class, or 'all' (300)")
     c.add_argument("--num-crop", type=int, default=5, help="random resized crops per image (5)")
     c.add_argument("--top-t", type=int, default=1, help="crops kept per image by CAM score (1)")
+    # the default is nrrdd.cidd.CROP_SCALE, written out: building the parser imports no torch
     c.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="area fraction of the random resized crops (0.08 1, torchvision's default)")
+                   help="area fraction of the random resized crops (%(default)s, torchvision's default)")
     c.add_argument("--factor", type=int, default=2, help="patches per side of a synthetic image (2)")
     c.add_argument("--select", choices=("lowest", "highest", "random"), default="lowest",
                    help="teacher-confidence selection (lowest: NRR-DD; highest: RDED)")

@@ -77,8 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
     p.add_argument("--seeds", type=int, default=None, help="students per label mode")
+    # the default is nrrdd.cidd.CROP_SCALE, written out: building the parser imports no torch
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="area fraction of CIDD's random resized crops (0.08 1)")
+                   help="area fraction of CIDD's random resized crops (%(default)s)")
     p.add_argument("--cam-eps", type=float, default=0.5, help="epsilon of the non-critical mask (Eq. 4)")
     p.add_argument("--label-refine", action=argparse.BooleanOptionalAction, default=True,
                    help="the label-refinement term L_lr in refinement (Eq. 11; the paper's DBR+LR)")
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from nrrdd.commands.evaluate import prepare
     from nrrdd.devices import resolve_device
     from nrrdd.data import DATASETS, holdout_split, load_split
-    from nrrdd.distill import DistillSettings, distill
+    from nrrdd.distill import DistillSettings, check_crop_scale, distill
     from nrrdd.distilled_set import export_ddranking, load_distilled
     from nrrdd.models import known_arch
     from nrrdd.relabel import default_augment, relabel
@@ -174,9 +175,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, v in (("--cam-eps", args.cam_eps), ("--r", args.r)):
         if not (0 <= v < float("inf")):
             raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
-    lo, hi = args.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise UsageError(f"--crop-scale takes 0 < MIN <= MAX <= 1, got {lo:g} {hi:g}")
+    check_crop_scale(*args.crop_scale)
     if args.eval_split == "holdout" and args.holdout_per_class < 1:
         raise UsageError(f"--holdout-per-class must be at least 1, got {args.holdout_per_class}")
     if args.dataset not in DATASETS:
