@@ -68,8 +68,9 @@ def command(args, ipc: int, method: str, out: Path | None = None, labels=None, e
     out = out or run_dir(args.out, ipc, method)
     method, more = EXTRA_METHODS.get(method, (method, []))
     extra = [*more, *extra]
-    cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--teacher", str(teacher or args.teacher),
-           "--method", method, "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
+    # --preset paper: the paper's protocol is the base, and run.json records it as such
+    cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--preset", "paper",
+           "--teacher", str(teacher or args.teacher), "--method", method, "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--iterations", str(args.iterations),
            "--mipc", str(args.mipc), "--factor", str(factor or args.factor),
            "--out", str(out), "--quiet", *extra]

@@ -33,6 +33,7 @@ def test_study_runs_and_tables(done):
     assert set(data["rows"]) == {"1/random", "1/cidd"}
     for key, row in data["rows"].items():
         run = json.loads((out / f"ipc1-{row['method']}" / "run.json").read_text())
+        assert run["preset"] == "paper" and run["settings"]["mipc"] == 2  # the flags override the preset
         for mode in ("soft", "onehot", "dbr"):
             cell = row["top1"][mode]
             assert cell["values"] == run["top1"][mode] and cell["n"] == 2
