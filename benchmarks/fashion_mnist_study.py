@@ -16,6 +16,7 @@ ones resumed, so the study can be stopped and restarted. Then:
 Optional parts:
 
 - ``--sweep cam_eps=0.1,0.3,0.5,0.7,0.9`` / ``--sweep r=0.1,...`` /
+  ``--sweep alpha_lr=0,0.1,1`` (the weight of L_lr in refinement) /
   ``--sweep crop_min=0.08,0.25,0.5`` (CIDD's crop area range, MIN to 1) /
   ``--sweep factor=1,2``: ``--sweep-method`` (``nrr``) at IPC ``--sweep-ipc`` (10)
   for each value, scored on training images held out of distillation
@@ -54,6 +55,7 @@ EXTRA_METHODS = {"nrr-nolr": ("nrr", ["--no-label-refine"])}
 LABELS = ("soft", "onehot", "compact", "dbr")
 # what each sweepable setting becomes on the `nrrdd run` command line ("factor" replaces --factor)
 SWEEP_FLAGS = {"cam_eps": lambda v: ["--cam-eps", v], "r": lambda v: ["--r", v],
+               "alpha_lr": lambda v: ["--alpha-lr", v],
                "crop_min": lambda v: ["--crop-scale", v, "1"], "factor": lambda v: []}
 # the paper's claims, as (better, worse)
 ORDERINGS = (("nrr", "cidd"), ("cidd", "rded"), ("cidd", "random"))
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
-                   help="values of cam_eps, r, crop_min or factor to sweep for --sweep-method, scored on "
+                   help="values of cam_eps, r, alpha_lr, crop_min or factor to sweep for --sweep-method, scored on "
                         "held-out training images")
     p.add_argument("--sweep-method", default="nrr", choices=METHODS + tuple(EXTRA_METHODS),
                    help="the method the sweeps distil (nrr)")

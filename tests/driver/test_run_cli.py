@@ -191,3 +191,20 @@ def test_no_label_refine_reaches_the_refinement(data, tmp_path):
     assert log and all(r["lr"] == 0.0 for r in log)  # the L_lr term is off
     run = json.loads((out / "run.json").read_text())
     assert run["label_refine"] is False and run["cam_eps"] == 0.3 and run["crop_scale"] == [0.5, 0.7]
+
+
+def test_alpha_lr_weights_the_label_refinement_term(data, tmp_path):
+    out = tmp_path / "alr"
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), "--method", "nrr",
+                 "--labels", "onehot", "--alpha-lr", "0.25", *TINY]) == 0
+    cfg = json.loads((out / "distilled" / "config.json").read_text())
+    assert cfg["refine"]["alpha_lr"] == 0.25 and cfg["refine"]["label_refine"] is True
+    log = [json.loads(line) for line in (out / "distilled" / "log.jsonl").read_text().splitlines()]
+    assert log and any(r["lr"] > 0 for r in log)
+    for r in log:  # the logged total is CE + alpha_bn * L_bn + alpha_lr * L_lr
+        assert r["total"] == pytest.approx(r["ce"] + cfg["refine"]["alpha_bn"] * r["bn"] + 0.25 * r["lr"],
+                                           rel=1e-5)
+    assert json.loads((out / "run.json").read_text())["alpha_lr"] == 0.25
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(tmp_path / "bad"),
+                 "--alpha-lr", "-1", *TINY]) == 2
+    assert not (tmp_path / "bad").exists()

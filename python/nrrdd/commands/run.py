@@ -85,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the label-refinement term L_lr in refinement (Eq. 11; the paper's DBR+LR)")
     p.add_argument("--r", type=float, default=0.4,
                    help="hinge margin r of label refinement (Eq. 12) and of the DBR loss (Eqs. 9-10)")
+    p.add_argument("--alpha-lr", type=float, default=1.0,
+                   help="weight of the label-refinement term L_lr in refinement (Eq. 11; the paper's 1)")
     add_eval_split_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-ddranking", action="store_true",
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--iterations must be >= 0")
     if args.seed < 0:
         raise UsageError("--seed must be non-negative")
-    for flag, v in (("--cam-eps", args.cam_eps), ("--r", args.r)):
+    for flag, v in (("--cam-eps", args.cam_eps), ("--r", args.r), ("--alpha-lr", args.alpha_lr)):
         if not (0 <= v < float("inf")):
             raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
     check_crop_scale(*args.crop_scale)
@@ -268,8 +270,8 @@ def run(args: argparse.Namespace) -> int:
             mipc=P["mipc"], num_crop=P["num_crop"], select="highest" if args.method == "rded" else "lowest",
             mask="none" if args.method == "sre2l" else "cam", batch_size=P["batch_size"], seed=args.seed,
             device=str(device), method=args.method, quiet=args.quiet, fast=args.fast,
-            cam_eps=args.cam_eps, r=args.r, holdout_per_class=held, label_refine=args.label_refine,
-            crop_min_scale=args.crop_scale[0], crop_max_scale=args.crop_scale[1])
+            cam_eps=args.cam_eps, r=args.r, alpha_lr=args.alpha_lr, holdout_per_class=held,
+            label_refine=args.label_refine, crop_min_scale=args.crop_scale[0], crop_max_scale=args.crop_scale[1])
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     timings["distill"] = time.perf_counter() - t
@@ -315,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": timings, "torch_version": torch.__version__,
         "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
         "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r, "label_refine": args.label_refine,
-        "crop_scale": list(args.crop_scale),
+        "alpha_lr": args.alpha_lr, "crop_scale": list(args.crop_scale),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }, out / "run.json")
     say(table.rstrip())
