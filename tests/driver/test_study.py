@@ -90,7 +90,8 @@ def test_table_picks_up_students_added_later(done, idx_dir):
     data = json.loads((out / "study.json").read_text())
     cell = data["rows"]["1/cidd"]["top1"]["onehot"]
     assert cell["n"] == 3 and cell["values"] == json.loads((dist / "eval_onehot_convnet3.json").read_text())["top1"]
-    assert "(n=3)" in (out / "study.md").read_text()
+    md = (out / "study.md").read_text()
+    assert "(n=3)" in md and "--teacher TEACHER.pt --method cidd" in md  # no teacher given: a placeholder
 
 
 def test_crop_and_factor_sweeps_of_another_method(done, idx_dir, capsys):
