@@ -72,7 +72,8 @@ def command(args, ipc: int, method: str, out: Path | None = None, labels=None, e
     extra = [*more, *extra]
     # --preset paper: the paper's protocol is the base, and run.json records it as such
     cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--preset", "paper",
-           "--teacher", str(teacher or args.teacher or "TEACHER.pt"), "--method", method, "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
+           "--teacher", str(teacher or args.teacher or "TEACHER.pt"), "--method", method,
+           "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--iterations", str(args.iterations),
            "--mipc", str(args.mipc), "--factor", str(factor or args.factor),
            "--out", str(out), "--quiet", *extra]

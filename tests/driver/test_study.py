@@ -107,7 +107,8 @@ def test_crop_and_factor_sweeps_of_another_method(done, idx_dir, capsys):
     assert study.main(base + ["--sweep", "crop_min=0.25,0.5", "--sweep", "factor=2", "--sweep", "alpha_lr=0.1",
                               "--dry-run"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "sweep cidd" in ln]
-    assert len(lines) == 4 and "--alpha-lr 0.1 " in lines[3] + " "
+    words = lines[3].split()
+    assert len(lines) == 4 and words[words.index("--alpha-lr") + 1] == "0.1"
     assert "--crop-scale 0.25 1" in lines[0] and "--crop-scale 0.5 1" in lines[1]
     assert "--method cidd" in lines[0] and "--eval-split holdout" in lines[0]
     assert "sweep-cidd-crop_min-0.25" in lines[0] and "--factor 2" in lines[2] and "--factor 1" not in lines[2]
