@@ -24,10 +24,12 @@ Optional parts:
   ``--sweep-labels`` mode (soft; r also sets the DBR loss's margin, so sweep it with
   ``--sweep-labels soft,dbr``); the table marks the value with the best holdout
   top-1 of the first mode;
-- ``--cross-student resnet18 --cross-student mobilenetv2``: the IPC-10 ``nrr`` set
-  (distilled with the ConvNet-3 teacher) evaluated on those students, soft labels;
-- ``--cross-teacher CKPT``: ``nrr`` at IPC 10 distilled with another teacher (e.g. a
-  ResNet-18) and evaluated on ConvNet-3 students, the other way round.
+- ``--cross-student resnet18 --cross-student mobilenetv2``: the set of
+  ``--cross-method`` (``nrr``) at IPC ``--cross-ipc`` (10), distilled with the
+  ConvNet-3 teacher, evaluated on those students, soft labels;
+- ``--cross-teacher CKPT``: ``--cross-method`` at IPC ``--cross-ipc`` distilled with
+  another teacher (e.g. a ResNet-18) and evaluated on ConvNet-3 students, the other
+  way round.
 
     python benchmarks/fashion_mnist_study.py --teacher teacher.pt --out study \\
         --ipc 1 --ipc 10 --ipc 50 --seeds 3 --device cuda
@@ -84,8 +86,8 @@ def sweep_dir(out: Path, name: str, value: str, method: str = "nrr") -> Path:
     return out / (f"sweep-{name}-{value}" if method == "nrr" else f"sweep-{method}-{name}-{value}")
 
 
-def cross_dir(out: Path) -> Path:
-    return out / "cross-teacher-nrr"
+def cross_dir(out: Path, method: str = "nrr", ipc: int = 10) -> Path:
+    return out / (f"cross-teacher-{method}" if ipc == 10 else f"cross-teacher-ipc{ipc}-{method}")
 
 
 def jobs(args) -> list:
@@ -103,7 +105,7 @@ def jobs(args) -> list:
             cmd = command(args, args.sweep_ipc, args.sweep_method, d, args.sweep_labels, extra,
                           factor=v if name == "factor" else None)
             todo.append((f"sweep {args.sweep_method} {name}={v}", d, cmd, d / "run.json"))
-    base = run_dir(args.out, 10, "nrr") / "distilled"
+    base = run_dir(args.out, args.cross_ipc, args.cross_method) / "distilled"
     for student in args.cross_students:
         cmd = ["nrrdd", "evaluate", "--distilled", str(base), "--student", student, "--labels", "soft",
                "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--quiet"]
@@ -111,9 +113,10 @@ def jobs(args) -> list:
             cmd += ["--device", args.device]
         todo.append((f"cross student {student}", None, cmd, base / f"eval_soft_{student}.json"))
     if args.cross_teacher:
-        d = cross_dir(args.out)
-        todo.append(("cross teacher", d, command(args, 10, "nrr", d, ["soft"], ["--student", "convnet3"],
-                                                 teacher=args.cross_teacher), d / "run.json"))
+        d = cross_dir(args.out, args.cross_method, args.cross_ipc)
+        cmd = command(args, args.cross_ipc, args.cross_method, d, ["soft"], ["--student", "convnet3"],
+                      teacher=args.cross_teacher)
+        todo.append(("cross teacher", d, cmd, d / "run.json"))
     return todo
 
 
@@ -207,14 +210,17 @@ def collect(args) -> dict:
                            "label_modes": list(args.sweep_labels), "best_on_holdout": best})
     cross = []
     for student in args.cross_students:
-        f = run_dir(args.out, 10, "nrr") / "distilled" / f"eval_soft_{student}.json"
+        f = run_dir(args.out, args.cross_ipc, args.cross_method) / "distilled" / f"eval_soft_{student}.json"
         if f.is_file():
-            cross.append({"teacher": "convnet3", "student": student,
+            cross.append({"method": args.cross_method, "ipc": args.cross_ipc, "teacher": "convnet3",
+                          "student": student,
                           **_cell(json.loads(f.read_text())["top1"])})
-    f = cross_dir(args.out) / "run.json"
+    f = cross_dir(args.out, args.cross_method, args.cross_ipc) / "run.json"
     if args.cross_teacher and f.is_file():
         r = json.loads(f.read_text())
-        cross.append({"teacher": r["teacher"]["arch"], "student": "convnet3", **_cell(r["top1"]["soft"])})
+        cross.append({"method": args.cross_method, "ipc": args.cross_ipc, "teacher": r["teacher"]["arch"],
+                      "student": "convnet3",
+                      **_cell(r["top1"]["soft"])})
     return {"rows": rows, "orderings": orderings, "labels": list(args.labels), "sweeps": sweeps,
             "cross": cross,
             "protocol": {"iterations": args.iterations, "epochs": args.epochs, "mipc": args.mipc,
@@ -256,10 +262,11 @@ def table(study: dict) -> str:
                 row[0] += " (best)"
             out.append(f"| {q['value']:g} | " + " | ".join(row) + " |")
     if study.get("cross"):
-        out += ["", "Cross-architecture (nrr, IPC 10, soft labels):", "",
-                "| distilled with | student | top-1 |", "|---|---|---|"]
+        out += ["", "Cross-architecture (soft labels):", "",
+                "| IPC | method | distilled with | student | top-1 |", "|---|---|---|---|---|"]
         for c in study["cross"]:
-            out.append(f"| {c['teacher']} | {c['student']} | {c['mean']:.2f} ± {c['std']:.2f} |")
+            out.append(f"| {c.get('ipc', 10)} | {c.get('method', 'nrr')} | {c['teacher']} | {c['student']} | "
+                       f"{c['mean']:.2f} ± {c['std']:.2f} |")
     out += ["", "Commands:", ""]
     out += [f"- IPC {r['ipc']} {r['method']}: `{r['command']}`" for r in study["rows"].values()]
     return "\n".join(out) + "\n"
@@ -343,9 +350,13 @@ def main(argv=None) -> int:
     p.add_argument("--holdout-per-class", type=int, default=HOLDOUT_PER_CLASS,
                    help="training images per class held out for the sweeps (500 of Fashion-MNIST's 6000)")
     p.add_argument("--cross-student", dest="cross_students", action="append", default=[],
-                   help="also evaluate the IPC-10 nrr set on this student arch (repeatable)")
+                   help="also evaluate the --cross-ipc set of --cross-method on this student arch "
+                        "(repeatable)")
     p.add_argument("--cross-teacher", type=Path, default=None,
-                   help="also distil nrr at IPC 10 with this teacher, evaluated on ConvNet-3")
+                   help="also distil --cross-method at --cross-ipc with this teacher, evaluated on ConvNet-3")
+    p.add_argument("--cross-method", default="nrr", choices=METHODS + tuple(EXTRA_METHODS),
+                   help="the set the cross-architecture rows use (nrr)")
+    p.add_argument("--cross-ipc", type=int, default=10, help="the IPC of that set (10)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--table-only", action="store_true", help="only rebuild study.md/json and the figures")
     args = p.parse_args(argv)

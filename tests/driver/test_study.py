@@ -124,3 +124,21 @@ def test_crop_and_factor_sweeps_of_another_method(done, idx_dir, capsys):
     assert "Sweep of crop_min (cidd" in md and "holdout top-1, dbr labels" in md
     assert f"| 0.5 | {pt['mean']:.2f} ± 0.00 (best) | {pt['labels']['dbr']['mean']:.2f} ± 0.00 |" in md
     assert (out / "sweep_cidd_crop_min.png").is_file()
+
+
+def test_cross_student_on_a_chosen_set(done, idx_dir):
+    """--cross-method cidd --cross-ipc 1 --cross-student mobilenetv2: the finished cidd set
+    is evaluated on another student arch, and the table's cross row holds those students."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    assert study.main(["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+                       "--method", "cidd", "--labels", "soft,onehot,dbr", "--seeds", "2", "--epochs", "1",
+                       "--iterations", "1", "--mipc", "2", "--factor", "1", "--device", "cpu",
+                       "--cross-method", "cidd", "--cross-ipc", "1", "--cross-student", "mobilenetv2"]) == 0
+    ev = json.loads((out / "ipc1-cidd" / "distilled" / "eval_soft_mobilenetv2.json").read_text())
+    assert len(ev["top1"]) == 2 and all(0 <= v <= 100 for v in ev["top1"])
+    (c,) = json.loads((out / "study.json").read_text())["cross"]
+    assert (c["method"], c["ipc"], c["teacher"], c["student"]) == ("cidd", 1, "convnet3", "mobilenetv2")
+    assert c["values"] == ev["top1"] and c["n"] == 2
+    md = (out / "study.md").read_text()
+    assert f"| 1 | cidd | convnet3 | mobilenetv2 | {c['mean']:.2f} ± {c['std']:.2f} |" in md
