@@ -1,7 +1,8 @@
 """The Fashion-MNIST study (issue 7): the paper's image and label ablations under one protocol.
 
-One ``nrrdd run`` per (IPC, method), each training ``--seeds`` students per label
-mode, into ``OUT/ipc<N>-<method>/``; finished runs are skipped and interrupted
+One ``nrrdd run`` per (IPC, method) and distillation seed (``--distill-seeds``), each
+training ``--seeds`` students per label mode, into ``OUT/ipc<N>-<method>/`` (seed 0) and
+``OUT/ipc<N>-<method>-seed<k>/``; finished runs are skipped and interrupted
 ones resumed, so the study can be stopped and restarted. Then:
 
 - ``OUT/study.md``: top-1 (mean ± std over the student seeds, last epoch, the
@@ -63,13 +64,25 @@ SWEEP_FLAGS = {"cam_eps": lambda v: ["--cam-eps", v], "r": lambda v: ["--r", v],
 ORDERINGS = (("nrr", "cidd"), ("cidd", "rded"), ("cidd", "random"))
 
 
-def run_dir(out: Path, ipc: int, method: str) -> Path:
-    return out / f"ipc{ipc}-{method}"
+def run_dir(out: Path, ipc: int, method: str, seed: int = 0) -> Path:
+    """The run of one distillation; seed 0 has no suffix, so a study that later adds
+    distillation seeds reuses its first runs."""
+    return out / (f"ipc{ipc}-{method}" if seed == 0 else f"ipc{ipc}-{method}-seed{seed}")
+
+
+def distillations(out: Path, ipc: int, method: str) -> list:
+    """(seed, folder) of every finished distillation of (ipc, method), seed 0 first."""
+    found = [(0, run_dir(out, ipc, method))]
+    prefix = run_dir(out, ipc, method).name + "-seed"
+    for d in out.glob(prefix + "*"):
+        if d.name[len(prefix):].isdigit():
+            found.append((int(d.name[len(prefix):]), d))
+    return sorted((s, d) for s, d in found if (d / "run.json").is_file())
 
 
 def command(args, ipc: int, method: str, out: Path | None = None, labels=None, extra=(),
-            teacher=None, factor=None) -> list:
-    out = out or run_dir(args.out, ipc, method)
+            teacher=None, factor=None, seed: int = 0) -> list:
+    out = out or run_dir(args.out, ipc, method, seed)
     method, more = EXTRA_METHODS.get(method, (method, []))
     extra = [*more, *extra]
     # --preset paper: the paper's protocol is the base, and run.json records it as such
@@ -78,7 +91,7 @@ def command(args, ipc: int, method: str, out: Path | None = None, labels=None, e
            "--ipc", str(ipc), "--labels", ",".join(labels or args.labels),
            "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--iterations", str(args.iterations),
            "--mipc", str(args.mipc), "--factor", str(factor or args.factor),
-           "--out", str(out), "--quiet", *extra]
+           "--out", str(out), "--quiet", *(["--seed", str(seed)] if seed else []), *extra]
     return cmd
 
 
@@ -95,8 +108,10 @@ def jobs(args) -> list:
     todo = []
     for ipc in args.ipc:
         for m in args.methods:
-            d = run_dir(args.out, ipc, m)
-            todo.append((f"ipc {ipc} {m}", d, command(args, ipc, m), d / "run.json"))
+            for seed in range(args.distill_seeds):
+                d = run_dir(args.out, ipc, m, seed)
+                name = f"ipc {ipc} {m}" + (f" seed {seed}" if seed else "")
+                todo.append((name, d, command(args, ipc, m, seed=seed), d / "run.json"))
     for name, values in args.sweeps:
         for v in values:
             d = sweep_dir(args.out, name, v, args.sweep_method)
@@ -167,11 +182,18 @@ def collect(args) -> dict:
     rows = {}
     for ipc in args.ipc:
         for method in args.methods:
-            f = run_dir(args.out, ipc, method) / "run.json"
-            if not f.is_file():
+            runs = [(d, json.loads((d / "run.json").read_text())) for _, d in distillations(args.out, ipc, method)]
+            if not runs:
                 continue
-            r = json.loads(f.read_text())
-            cells = {mode: _cell(_top1(f.parent, r, mode)) for mode in r["top1"]}
+            r = runs[0][1]
+            cells = {}
+            for mode in r["top1"]:
+                # every student of every distillation; and how far the distillations' own means spread
+                per_run = [_top1(d, rj, mode) for d, rj in runs if rj["top1"].get(mode)]
+                cells[mode] = _cell([v for vals in per_run for v in vals])
+                means = [statistics.fmean(v) for v in per_run]
+                cells[mode]["distillations"] = len(per_run)
+                cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
             rec = None
             if all(cells.get(m) for m in ("soft", "onehot", "dbr")):
                 gap = cells["soft"]["mean"] - cells["onehot"]["mean"]
@@ -180,6 +202,7 @@ def collect(args) -> dict:
                                         "seconds": r["seconds"], "label_bytes": r.get("label_bytes"),
                                         "teacher": r["teacher"], "device": r["device"],
                                         "torch": r.get("torch_version"),
+                                        "distill_seeds": [seed for seed, _ in distillations(args.out, ipc, method)],
                                         "command": " ".join(command(args, ipc, method))}
     orderings = []
     for ipc in args.ipc:
@@ -224,7 +247,14 @@ def collect(args) -> dict:
     return {"rows": rows, "orderings": orderings, "labels": list(args.labels), "sweeps": sweeps,
             "cross": cross,
             "protocol": {"iterations": args.iterations, "epochs": args.epochs, "mipc": args.mipc,
-                         "factor": args.factor, "seeds": args.seeds}}
+                         "factor": args.factor, "seeds": args.seeds, "distill_seeds": args.distill_seeds}}
+
+
+def _fmt_cell(c: dict, seeds: int) -> str:
+    txt = f"{c['mean']:.2f} ± {c['std']:.2f}"
+    if c.get("distillations", 1) > 1:
+        return txt + f" (n={c['n']}: {c['distillations']} distillations, their means ± {c['distill_std']:.2f})"
+    return txt + (f" (n={c['n']})" if c["n"] != seeds else "")
 
 
 def table(study: dict) -> str:
@@ -232,15 +262,15 @@ def table(study: dict) -> str:
     p = study["protocol"]
     out = [f"Protocol: {p['iterations']} refinement iterations, {p['epochs']} student epochs, mipc "
            f"{p['mipc']}, factor {p['factor']}, {p['seeds']} student seed(s); top-1 % on the full test "
-           "set at the last epoch, mean ± std over student seeds (population std, ddof 0, as numpy's "
-           "np.std in the field's code).", "",
+           "set at the last epoch, mean ± std over student seeds, pooled over the distillations where a "
+           "row has several (population std, ddof 0, as numpy's np.std in the field's code).", "",
            "| IPC | method | " + " | ".join(labels) + " | DBR recover | distill s | relabel s | evaluate s |",
            "|---|---|" + "---|" * len(labels) + "---|---|---|---|"]
     for r in study["rows"].values():
         cells = []
         for m in labels:
             c = r["top1"].get(m)
-            cells.append("" if not c else f"{c['mean']:.2f} ± {c['std']:.2f}" + (f" (n={c['n']})" if c["n"] != p["seeds"] else ""))
+            cells.append("" if not c else _fmt_cell(c, p["seeds"]))
         rec = "" if r["recover_rate"] is None else f"{100 * r['recover_rate']:.0f}%"
         s = r["seconds"]
         out.append(f"| {r['ipc']} | {r['method']} | " + " | ".join(cells)
@@ -268,7 +298,9 @@ def table(study: dict) -> str:
             out.append(f"| {c.get('ipc', 10)} | {c.get('method', 'nrr')} | {c['teacher']} | {c['student']} | "
                        f"{c['mean']:.2f} ± {c['std']:.2f} |")
     out += ["", "Commands:", ""]
-    out += [f"- IPC {r['ipc']} {r['method']}: `{r['command']}`" for r in study["rows"].values()]
+    out += [f"- IPC {r['ipc']} {r['method']}: `{r['command']}`"
+            + "".join(f", and with `--seed {s}`" for s in r.get("distill_seeds", [0]) if s)
+            for r in study["rows"].values()]
     return "\n".join(out) + "\n"
 
 
@@ -333,7 +365,10 @@ def main(argv=None) -> int:
                    help="repeatable (default: the five of the paper's ablation; nrr-nolr adds nrr "
                         "without L_lr)")
     p.add_argument("--labels", default=",".join(LABELS), help="comma-separated label modes")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="students per label mode and distillation")
+    p.add_argument("--distill-seeds", type=int, default=1,
+                   help="distillations per (IPC, method), seeds 0..N-1 (`nrrdd run --seed`); seed k > 0 "
+                        "goes to OUT/ipc<N>-<method>-seed<k>/, and the table pools every finished one")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--mipc", type=int, default=300)
@@ -364,6 +399,8 @@ def main(argv=None) -> int:
     args.methods = args.methods or list(METHODS)
     args.labels = [m for m in args.labels.split(",") if m]
     args.sweep_labels = [m for m in args.sweep_labels.split(",") if m]
+    if args.distill_seeds < 1:
+        p.error(f"--distill-seeds must be at least 1, got {args.distill_seeds}")
     if not args.sweep_labels or not set(args.sweep_labels) <= set(LABEL_MODES):
         p.error(f"--sweep-labels takes {', '.join(LABEL_MODES)} (comma-separated), got {','.join(args.sweep_labels)!r}")
     args.sweeps = []

@@ -142,3 +142,33 @@ def test_cross_student_on_a_chosen_set(done, idx_dir):
     assert c["values"] == ev["top1"] and c["n"] == 2
     md = (out / "study.md").read_text()
     assert f"| 1 | cidd | convnet3 | mobilenetv2 | {c['mean']:.2f} ± {c['std']:.2f} |" in md
+
+
+def test_distillation_seeds_pool_into_one_row(done, idx_dir, capsys):
+    """--distill-seeds 2: a second distillation (`--seed 1`) into ipc1-random-seed1/, and the
+    row pools the students of both, with the spread between the two distillations."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    args = ["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--method", "random", "--labels", "soft,onehot,dbr", "--seeds", "2", "--epochs", "1",
+            "--iterations", "1", "--mipc", "2", "--factor", "1", "--device", "cpu", "--distill-seeds", "2"]
+    capsys.readouterr()
+    assert study.main(args) == 0
+    assert "ipc 1 random: done before" in capsys.readouterr().out  # seed 0 is the fixture's run
+    r0 = json.loads((out / "ipc1-random" / "run.json").read_text())
+    r1 = json.loads((out / "ipc1-random-seed1" / "run.json").read_text())
+    assert (r0["seed"], r1["seed"]) == (0, 1)
+    c0 = json.loads((out / "ipc1-random" / "distilled" / "config.json").read_text())
+    c1 = json.loads((out / "ipc1-random-seed1" / "distilled" / "config.json").read_text())
+    assert c0["source_indices"] != c1["source_indices"]  # another draw of real images
+    row = json.loads((out / "study.json").read_text())["rows"]["1/random"]
+    assert row["distill_seeds"] == [0, 1]
+    for mode in ("soft", "onehot", "dbr"):
+        cell = row["top1"][mode]
+        assert cell["values"] == r0["top1"][mode] + r1["top1"][mode] and cell["n"] == 4
+        means = [sum(r["top1"][mode]) / 2 for r in (r0, r1)]
+        assert cell["distillations"] == 2 and cell["distill_std"] == pytest.approx(abs(means[0] - means[1]) / 2)
+    md = (out / "study.md").read_text()
+    assert "2 distillations, their means ±" in md and "and with `--seed 1`" in md
+    with pytest.raises(SystemExit):
+        study.main(args[:-2] + ["--distill-seeds", "0"])
