@@ -194,10 +194,15 @@ def collect(args) -> dict:
                 means = [statistics.fmean(v) for v in per_run]
                 cells[mode]["distillations"] = len(per_run)
                 cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
+            # the recover rate from the distillations that have all three modes, so that a
+            # later soft-only distillation does not mix into its soft term alone
+            full = [(d, rj) for d, rj in runs if all(rj["top1"].get(m) for m in ("soft", "onehot", "dbr"))]
             rec = None
-            if all(cells.get(m) for m in ("soft", "onehot", "dbr")):
-                gap = cells["soft"]["mean"] - cells["onehot"]["mean"]
-                rec = (cells["dbr"]["mean"] - cells["onehot"]["mean"]) / gap if gap > 0 else None
+            if full:
+                mean = {m: statistics.fmean([v for d, rj in full for v in _top1(d, rj, m)])
+                        for m in ("soft", "onehot", "dbr")}
+                gap = mean["soft"] - mean["onehot"]
+                rec = (mean["dbr"] - mean["onehot"]) / gap if gap > 0 else None
             rows[f"{ipc}/{method}"] = {"ipc": ipc, "method": method, "top1": cells, "recover_rate": rec,
                                         "seconds": r["seconds"], "label_bytes": r.get("label_bytes"),
                                         "teacher": r["teacher"], "device": r["device"],
