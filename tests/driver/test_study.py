@@ -172,3 +172,24 @@ def test_distillation_seeds_pool_into_one_row(done, idx_dir, capsys):
     assert "2 distillations, their means ±" in md and "and with `--seed 1`" in md
     with pytest.raises(SystemExit):
         study.main(args[:-2] + ["--distill-seeds", "0"])
+
+
+def test_recover_rate_ignores_a_soft_only_distillation(done, idx_dir):
+    """A third distillation with soft labels only joins the soft cell, not the recover rate:
+    that stays (dbr - onehot) / (soft - onehot) over the distillations that have all three."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    assert study.main(["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+                       "--method", "random", "--labels", "soft", "--seeds", "2", "--epochs", "1",
+                       "--iterations", "1", "--mipc", "2", "--factor", "1", "--device", "cpu",
+                       "--distill-seeds", "3"]) == 0
+    runs = [json.loads((out / d / "run.json").read_text()) for d in ("ipc1-random", "ipc1-random-seed1")]
+    r2 = json.loads((out / "ipc1-random-seed2" / "run.json").read_text())
+    assert set(r2["top1"]) == {"soft"}
+    row = json.loads((out / "study.json").read_text())["rows"]["1/random"]
+    assert row["top1"]["soft"]["n"] == 6 and row["top1"]["onehot"]["n"] == 4
+    mean = {m: sum(v for r in runs for v in r["top1"][m]) / 4 for m in ("soft", "onehot", "dbr")}
+    if mean["soft"] > mean["onehot"]:
+        assert row["recover_rate"] == pytest.approx((mean["dbr"] - mean["onehot"]) / (mean["soft"] - mean["onehot"]))
+    else:
+        assert row["recover_rate"] is None
