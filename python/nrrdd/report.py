@@ -1,7 +1,8 @@
 """Collect ``eval_*.json`` files (``nrrdd.student.evaluate``) into one markdown table.
 
 One row per evaluation: dataset, method, IPC, labels (``+online`` when the
-teacher ran during training), student, last-epoch top-1 mean ± std over the
+teacher ran during training, the non-default student settings in parentheses,
+``[holdout]`` when scored on held-out training images), student, last-epoch top-1 mean ± std over the
 seeds (n), and the bytes the labels take on disk (with the ratio to float16 soft
 labels). Method and IPC come from the eval file, else from the distilled
 folder's ``config.json``.
@@ -55,6 +56,10 @@ def row(path: Path) -> dict:
         except ValueError:
             pass
     labels = e.get("labels", "?") + ("+online" if e.get("online") else "")
+    if e.get("variant"):  # non-default student settings (nrrdd.student.eval_variant)
+        labels += f" ({e['variant']})"
+    if e.get("eval_split", "test") != "test":
+        labels += f" [{e['eval_split']}]"
     ratio = e.get("label_ratio_to_soft")
     size = human_bytes(e.get("label_bytes"))
     if ratio is not None and e.get("label_bytes"):

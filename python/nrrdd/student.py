@@ -244,10 +244,32 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
     return StudentRun(student_seed, top1, last_loss, seconds + time.perf_counter() - t0)
 
 
-def eval_name(mode: str, arch: str, online: bool, split: str = "test") -> str:
-    """``eval_<labels>_<student>`` (``<labels>-online`` for online runs; ``-holdout``
-    appended when the students are scored on the held-out training images)."""
-    return f"eval_{mode}{'-online' if online else ''}_{arch}{'' if split == 'test' else '-' + split}"
+def eval_variant(mode: str, *, dbr_r: float = DBR_R, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
+                 temperature: Optional[float] = None, default_temperature: Optional[float] = None,
+                 online: bool = False) -> str:
+    """The student settings that differ from the defaults, e.g. ``r0.2-lr0.002``
+    (empty at the defaults): part of the evaluation's file name, so that an
+    evaluation at other settings never overwrites the default one."""
+    parts = []
+    if mode == "dbr" and float(dbr_r) != DBR_R:
+        parts.append(f"r{float(dbr_r):g}")
+    # stored compact labels fix their own temperature; soft targets take it at training time
+    if (mode == "soft" or (online and mode == "compact")) and temperature is not None \
+            and float(temperature) != default_temperature:
+        parts.append(f"t{float(temperature):g}")
+    if float(lr) != LR:
+        parts.append(f"lr{float(lr):g}")
+    if float(weight_decay) != WEIGHT_DECAY:
+        parts.append(f"wd{float(weight_decay):g}")
+    return "-".join(parts)
+
+
+def eval_name(mode: str, arch: str, online: bool, split: str = "test", variant: str = "") -> str:
+    """``eval_<labels>_<student>`` (``<labels>-online`` for online runs, ``<labels>-<variant>``
+    for non-default student settings (``eval_variant``); ``-holdout`` appended when the
+    students are scored on the held-out training images)."""
+    return (f"eval_{mode}{'-online' if online else ''}{'-' + variant if variant else ''}_{arch}"
+            f"{'' if split == 'test' else '-' + split}")
 
 
 def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, seeds: int,
@@ -264,7 +286,9 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
     Per-seed checkpoints and results live in ``DIR/.<eval name>/`` until the json is
     written; ``resume`` continues from them, otherwise they are discarded.
     """
-    name = eval_name(mode, arch, online, split)
+    variant = eval_variant(mode, dbr_r=dbr_r, lr=lr, weight_decay=weight_decay, temperature=temperature,
+                           default_temperature=L.DEFAULT_TEMPERATURE[augment.mix], online=online)
+    name = eval_name(mode, arch, online, split, variant)
     work = ds.path / f".{name}"
     if not resume and work.exists() and D.is_main():
         shutil.rmtree(work)
@@ -312,7 +336,7 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
         "label_ratio_to_soft": None if online else lm.get("ratio_to_soft"),
         "replay_seed": replay_seed, "augment": augment.to_dict(),
         "temperature": temperature if mode in ("soft", "compact") else None,
-        "dbr_r": dbr_r if mode == "dbr" else None, "eval_split": split, "dbr_alpha": DBR_ALPHA if mode == "dbr" else None,
+        "dbr_r": dbr_r if mode == "dbr" else None, "variant": variant, "eval_split": split, "dbr_alpha": DBR_ALPHA if mode == "dbr" else None,
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": weight_decay, "schedule": "cosine"},
         "num_images": len(ds), "num_classes": num_classes,
         "method": ds.config.get("method"), "ipc": ds.config.get("ipc"),

@@ -156,7 +156,7 @@ def test_holdout_evaluation_keeps_the_scored_images_out(data, tmp_path):
                "--r", "0.3", *TINY])
     assert rc == 0
     run = json.loads((out / "run.json").read_text())
-    ev = json.loads((out / "distilled" / "eval_dbr_convnet3-holdout.json").read_text())
+    ev = json.loads((out / "distilled" / "eval_dbr-r0.3_convnet3-holdout.json").read_text())
     assert run["eval_split"] == "holdout" and run["holdout_per_class"] == 3 and ev["eval_split"] == "holdout"
     assert ev["dbr_r"] == 0.3 and run["top1"]["dbr"] == ev["top1"]
     # 9 held-out images: the top-1 is a multiple of 100/9

@@ -130,6 +130,42 @@ def test_eval_json_and_online_equals_stored(setup):
     assert o["top1"] == e["top1"] and o["final_train_loss"] == e["final_train_loss"]
 
 
+def test_eval_at_other_student_settings_keeps_the_default_evaluation(setup, capsys):
+    """An r sweep over one set (``nrrdd evaluate --dbr-r``) writes a file per margin."""
+    dist, seed = setup / "dist", fresh_seed()
+    assert main(["relabel", "--distilled", str(dist), "--mode", "dbr", "--epochs", "2", "--seed", str(seed),
+                 "--batch-size", "5", "--device", "cpu", "--quiet"]) == 0
+    assert _evaluate(dist, "dbr", "--seeds", "1") == 0
+    default = (dist / "eval_dbr_convnet3.json").read_bytes()
+    assert _evaluate(dist, "dbr", "--seeds", "1", "--dbr-r", "0.2", "--lr", "0.002") == 0
+    assert (dist / "eval_dbr_convnet3.json").read_bytes() == default  # untouched
+    v = json.loads((dist / "eval_dbr-r0.2-lr0.002_convnet3.json").read_text())
+    assert v["dbr_r"] == 0.2 and v["variant"] == "r0.2-lr0.002" and v["optimizer"]["lr"] == 0.002
+    assert json.loads(default)["variant"] == ""
+    assert main(["evaluate", "--distilled", str(dist), "--labels", "soft", "--student", "convnet3",
+                 "--device", "cpu", "--quiet", "--online", "--epochs", "1", "--batch-size", "5",
+                 "--temperature", "3"]) == 0
+    assert (dist / "eval_soft-online-t3_convnet3.json").is_file()
+    capsys.readouterr()
+    assert main(["report", str(dist)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "convnet3" in r]
+    labels = sorted(r.split(" | ")[3] for r in rows)
+    assert labels == ["dbr", "dbr (r0.2-lr0.002)", "soft+online (t3)"]
+
+
+def test_eval_variant_names_only_what_differs():
+    from nrrdd.student import eval_name, eval_variant
+
+    assert eval_variant("dbr") == "" and eval_variant("dbr", dbr_r=0.4, lr=1e-3, weight_decay=0.01) == ""
+    assert eval_variant("dbr", dbr_r=0.7) == "r0.7"
+    assert eval_variant("soft", dbr_r=0.7) == ""  # the margin only reaches DBR students
+    assert eval_variant("soft", temperature=20.0, default_temperature=20.0) == ""
+    assert eval_variant("soft", temperature=4.0, default_temperature=20.0, weight_decay=0.05) == "t4-wd0.05"
+    assert eval_variant("compact", temperature=4.0, default_temperature=20.0) == ""  # fixed by its labels
+    assert eval_name("dbr", "convnet3", False, "holdout", "r0.1") == "eval_dbr-r0.1_convnet3-holdout"
+    assert eval_name("soft", "resnet18", True) == "eval_soft-online_resnet18"
+
+
 def test_interrupted_student_resumes_to_the_same_result(setup):
     dist = setup / "dist"
     assert main(["relabel", "--distilled", str(dist), "--mode", "soft", "--epochs", "3",

@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     result = prepare(args)()
     if not D.is_main():
         return 0
-    out = Path(args.distilled) / f"{eval_name(args.labels, args.student, args.online, args.eval_split)}.json"
+    name = eval_name(args.labels, args.student, args.online, args.eval_split, result["variant"])
+    out = Path(args.distilled) / f"{name}.json"
     print(f"{args.student} on {args.labels}{' (online)' if args.online else ''} labels: top-1 "
           f"{result['top1_mean']:.2f} ± {result['top1_std']:.2f}% over {len(result['top1'])} "
           f"seed(s), last epoch of {result['epochs']} ({result['seconds']:.0f}s) -> {out}")
