@@ -24,7 +24,10 @@ Optional parts:
   (``--eval-split holdout``), never on the test set, with the students of each
   ``--sweep-labels`` mode (soft; r also sets the DBR loss's margin, so sweep it with
   ``--sweep-labels soft,dbr``); the table marks the value with the best holdout
-  top-1 of the first mode;
+  top-1 of the first mode. For a method without L_lr in its refinement (random,
+  rded, cidd, nrr-nolr) r reaches only the DBR students: the r sweep then distils
+  once (``OUT/sweep-<method>-r-base/``, at the defaults) and trains the DBR students
+  of each value on that set (``nrrdd evaluate --dbr-r``);
 - ``--cross-student resnet18 --cross-student mobilenetv2``: the set of
   ``--cross-method`` (``nrr``) at IPC ``--cross-ipc`` (10), distilled with the
   ConvNet-3 teacher, evaluated on those students, soft labels;
@@ -60,6 +63,9 @@ LABELS = ("soft", "onehot", "compact", "dbr")
 SWEEP_FLAGS = {"cam_eps": lambda v: ["--cam-eps", v], "r": lambda v: ["--r", v],
                "alpha_lr": lambda v: ["--alpha-lr", v],
                "crop_min": lambda v: ["--crop-scale", v, "1"], "factor": lambda v: []}
+# methods whose refinement has no label-refinement term L_lr: the margin r reaches only their
+# DBR students, so an r sweep of one of them evaluates one distilled set at each value
+NO_LABEL_REFINE = ("random", "rded", "cidd", "nrr-nolr")
 # the paper's claims, as (better, worse)
 ORDERINGS = (("nrr", "cidd"), ("cidd", "rded"), ("cidd", "random"))
 
@@ -99,6 +105,19 @@ def sweep_dir(out: Path, name: str, value: str, method: str = "nrr") -> Path:
     return out / (f"sweep-{name}-{value}" if method == "nrr" else f"sweep-{method}-{name}-{value}")
 
 
+def students_only(name: str, method: str) -> bool:
+    """Whether sweeping ``name`` for ``method`` changes only the students, not the images."""
+    return name == "r" and method in NO_LABEL_REFINE
+
+
+def r_eval_file(base: Path, value: str, split: str = "holdout") -> Path:
+    """The DBR students' evaluation at margin ``value`` on the r sweep's one set."""
+    from nrrdd.student import eval_name, eval_variant
+
+    variant = eval_variant("dbr", dbr_r=float(value))
+    return base / "distilled" / f"{eval_name('dbr', 'convnet3', False, split, variant)}.json"
+
+
 def cross_dir(out: Path, method: str = "nrr", ipc: int = 10) -> Path:
     return out / (f"cross-teacher-{method}" if ipc == 10 else f"cross-teacher-ipc{ipc}-{method}")
 
@@ -112,11 +131,22 @@ def jobs(args) -> list:
                 d = run_dir(args.out, ipc, m, seed)
                 name = f"ipc {ipc} {m}" + (f" seed {seed}" if seed else "")
                 todo.append((name, d, command(args, ipc, m, seed=seed), d / "run.json"))
+    holdout = ["--eval-split", "holdout", "--holdout-per-class", str(args.holdout_per_class)]
     for name, values in args.sweeps:
+        if students_only(name, args.sweep_method):
+            base = sweep_dir(args.out, name, "base", args.sweep_method)
+            cmd = command(args, args.sweep_ipc, args.sweep_method, base, args.sweep_labels, holdout)
+            todo.append((f"sweep {args.sweep_method} {name} base", base, cmd, base / "run.json"))
+            for v in values:
+                cmd = ["nrrdd", "evaluate", "--distilled", str(base / "distilled"), "--student", "convnet3",
+                       "--labels", "dbr", "--dbr-r", v, "--seeds", str(args.seeds), *holdout, "--quiet"]
+                if args.device:
+                    cmd += ["--device", args.device]
+                todo.append((f"sweep {args.sweep_method} {name}={v}", None, cmd, r_eval_file(base, v)))
+            continue
         for v in values:
             d = sweep_dir(args.out, name, v, args.sweep_method)
-            extra = ["--eval-split", "holdout", "--holdout-per-class", str(args.holdout_per_class),
-                     *SWEEP_FLAGS[name](v)]
+            extra = [*holdout, *SWEEP_FLAGS[name](v)]
             cmd = command(args, args.sweep_ipc, args.sweep_method, d, args.sweep_labels, extra,
                           factor=v if name == "factor" else None)
             todo.append((f"sweep {args.sweep_method} {name}={v}", d, cmd, d / "run.json"))
@@ -225,17 +255,25 @@ def collect(args) -> dict:
     sweeps = []
     for name, values in args.sweeps:
         pts = []
+        only = students_only(name, args.sweep_method)
+        # the point's own numbers: those of the first label mode; DBR's when only its students change
+        modes = ["dbr"] + [m for m in args.sweep_labels if m != "dbr"] if only else list(args.sweep_labels)
         for v in values:
-            f = sweep_dir(args.out, name, v, args.sweep_method) / "run.json"
+            f = sweep_dir(args.out, name, "base" if only else v, args.sweep_method) / "run.json"
             if f.is_file():
                 r = json.loads(f.read_text())
                 cells = {m: _cell(r["top1"][m]) for m in args.sweep_labels if r["top1"].get(m)}
-                if args.sweep_labels[0] in cells:  # the point's own numbers are those of the first mode
-                    pts.append({"value": float(v), **cells[args.sweep_labels[0]], "labels": cells})
+                if only:  # the base set's DBR students at this margin; the other modes do not depend on r
+                    e = r_eval_file(f.parent, v)
+                    cells.pop("dbr", None)
+                    if e.is_file():
+                        cells["dbr"] = _cell(json.loads(e.read_text())["top1"])
+                if modes[0] in cells:
+                    pts.append({"value": float(v), **cells[modes[0]], "labels": cells})
         if pts:
             best = max(pts, key=lambda q: q["mean"])["value"]
             sweeps.append({"name": name, "method": args.sweep_method, "ipc": args.sweep_ipc, "points": pts,
-                           "label_modes": list(args.sweep_labels), "best_on_holdout": best})
+                           "label_modes": modes, "best_on_holdout": best, "students_only": only})
     cross = []
     for student in args.cross_students:
         f = run_dir(args.out, args.cross_ipc, args.cross_method) / "distilled" / f"eval_soft_{student}.json"
@@ -413,7 +451,17 @@ def main(argv=None) -> int:
         name, _, values = spec.partition("=")
         if name not in SWEEP_FLAGS or not values:
             p.error(f"--sweep takes NAME=V1,V2,... with NAME one of {', '.join(SWEEP_FLAGS)}, got {spec!r}")
-        args.sweeps.append((name, [v for v in values.split(",") if v]))
+        vals = [v for v in values.split(",") if v]
+        for v in vals:
+            try:
+                ok = float(v) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                p.error(f"--sweep {name}: {v!r} is not a non-negative number")
+        if students_only(name, args.sweep_method) and "dbr" not in args.sweep_labels:
+            p.error(f"for {args.sweep_method}, r reaches only the DBR students: add dbr to --sweep-labels")
+        args.sweeps.append((name, vals))
     if not args.table_only:
         if args.teacher is None or not args.teacher.is_file():
             p.error("--teacher must name an existing checkpoint (train one with `nrrdd train-teacher`)")

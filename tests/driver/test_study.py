@@ -126,6 +126,38 @@ def test_crop_and_factor_sweeps_of_another_method(done, idx_dir, capsys):
     assert (out / "sweep_cidd_crop_min.png").is_file()
 
 
+def test_r_sweep_without_label_refinement_distils_once(done, idx_dir, capsys):
+    """For cidd (no L_lr) r reaches only the DBR students: one distillation at the
+    defaults, then the DBR students of each margin on it; for nrr each r distils anew."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    base = ["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--method", "cidd", "--labels", "soft", "--seeds", "1", "--epochs", "1", "--iterations", "1",
+            "--mipc", "4", "--factor", "1", "--sweep-ipc", "1", "--holdout-per-class", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit):  # no DBR students: nothing in the sweep would change
+        study.main(base + ["--sweep-method", "cidd", "--sweep", "r=0.1,0.4"])
+    with pytest.raises(SystemExit):
+        study.main(base + ["--sweep-method", "cidd", "--sweep", "r=0.1,-1", "--sweep-labels", "dbr"])
+    capsys.readouterr()
+    assert study.main(base + ["--sweep-method", "nrr", "--sweep", "r=0.1,0.4", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "sweep nrr r" in ln]
+    assert len(lines) == 2 and "--r 0.1" in lines[0] and "sweep-r-0.1" in lines[0]
+    assert study.main(base + ["--sweep-method", "cidd", "--sweep", "r=0.1,0.4", "--sweep-labels", "soft,dbr"]) == 0
+    made = sorted(d.name for d in out.glob("sweep-cidd-r-*"))
+    assert made == ["sweep-cidd-r-base"]
+    run = json.loads((out / "sweep-cidd-r-base" / "run.json").read_text())
+    assert run["r"] == 0.4 and run["eval_split"] == "holdout"
+    e01 = json.loads((out / "sweep-cidd-r-base" / "distilled" / "eval_dbr-r0.1_convnet3-holdout.json").read_text())
+    assert e01["dbr_r"] == 0.1 and e01["eval_split"] == "holdout"
+    sw = [s for s in json.loads((out / "study.json").read_text())["sweeps"] if s["name"] == "r"][0]
+    assert sw["students_only"] and sw["label_modes"] == ["dbr", "soft"]
+    p01, p04 = sw["points"]
+    assert (p01["value"], p04["value"]) == (0.1, 0.4)
+    assert p01["values"] == e01["top1"] and p04["values"] == run["top1"]["dbr"]
+    assert p01["labels"]["soft"]["values"] == p04["labels"]["soft"]["values"] == run["top1"]["soft"]
+    assert sw["best_on_holdout"] == (0.1 if p01["mean"] >= p04["mean"] else 0.4)  # ties: the first
+
+
 def test_cross_student_on_a_chosen_set(done, idx_dir):
     """--cross-method cidd --cross-ipc 1 --cross-student mobilenetv2: the finished cidd set
     is evaluated on another student arch, and the table's cross row holds those students."""
