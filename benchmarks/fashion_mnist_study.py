@@ -347,29 +347,53 @@ def table(study: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def figure(args, ipc: int) -> Path | None:
-    """methods_ipc<N>.png: a row per method, the first synthetic image of each class."""
+def _first_per_class(distilled: Path):
+    """The first synthetic image of each class of a distilled folder, in [0, 1], or None."""
+    import torch
+
+    if not (distilled / "images.pt").is_file():
+        return None
+    cfg = json.loads((distilled / "config.json").read_text())
+    images, labels = torch.load(distilled / "images.pt"), torch.load(distilled / "labels.pt")
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    first = torch.stack([images[labels == c][0] for c in range(int(labels.max()) + 1)])
+    return (first * std + mean).clamp(0, 1)
+
+
+def _image_rows(folders: dict, path: Path) -> Path | None:
+    """path (PNG): a row per named distilled folder, the same classes in the same columns;
+    path.txt names the rows."""
     import torch
     from torchvision.utils import save_image
 
-    rows, names = [], []
-    for method in args.methods:
-        d = run_dir(args.out, ipc, method) / "distilled"
-        if not (d / "images.pt").is_file():
-            continue
-        cfg = json.loads((d / "config.json").read_text())
-        images, labels = torch.load(d / "images.pt"), torch.load(d / "labels.pt")
-        mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-        first = torch.stack([images[labels == c][0] for c in range(int(labels.max()) + 1)])
-        rows.append((first * std + mean).clamp(0, 1))
-        names.append(method)
+    rows = {name: im for name, im in ((n, _first_per_class(d)) for n, d in folders.items()) if im is not None}
     if not rows:
         return None
-    path = args.out / f"methods_ipc{ipc}.png"
-    save_image(torch.cat(rows), path, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
-    (args.out / f"methods_ipc{ipc}.txt").write_text("rows, top to bottom: " + ", ".join(names) + "\n")
+    first = next(iter(rows.values()))
+    save_image(torch.cat(list(rows.values())), path, nrow=first.shape[0], padding=2, pad_value=1.0)
+    path.with_suffix(".txt").write_text("rows, top to bottom: " + ", ".join(rows) + "\n")
     return path
+
+
+def figure(args, ipc: int) -> Path | None:
+    """methods_ipc<N>.png: a row per method, the first synthetic image of each class."""
+    return _image_rows({m: run_dir(args.out, ipc, m) / "distilled" for m in args.methods},
+                       args.out / f"methods_ipc{ipc}.png")
+
+
+def sweep_figures(args) -> list:
+    """sweep_[<method>_]<name>_images.png: a row per value of each sweep that changes the images."""
+    made = []
+    for name, values in args.sweeps:
+        if students_only(name, args.sweep_method):
+            continue
+        m = args.sweep_method
+        png = args.out / (f"sweep_{name}_images.png" if m == "nrr" else f"sweep_{m}_{name}_images.png")
+        f = _image_rows({f"{name}={v}": sweep_dir(args.out, name, v, m) / "distilled" for v in values}, png)
+        if f is not None:
+            made.append(f)
+    return made
 
 
 def charts(args, study: dict) -> list:
@@ -474,6 +498,7 @@ def main(argv=None) -> int:
     (args.out / "study.md").write_text(table(study))
     for ipc in args.ipc:
         figure(args, ipc)
+    sweep_figures(args)
     charts(args, study)
     print(table(study))
     return 0

@@ -61,6 +61,19 @@ def test_study_runs_and_tables(done):
     assert not (out / "accuracy_ipc.png").exists()  # one IPC: no curve to draw
     with Image.open(out / "methods_ipc1.png") as im:  # 2 rows (methods) x 10 classes of 12 px + padding
         assert im.size == (10 * 14 + 2, 2 * 14 + 2)
+    # the sweep's images: a row per value; the second row's first tile is class 0 of the 0.6 set
+    assert (out / "sweep_cam_eps_images.txt").read_text() == "rows, top to bottom: cam_eps=0.3, cam_eps=0.6\n"
+    import numpy as np
+    import torch
+
+    d = out / "sweep-cam_eps-0.6" / "distilled"
+    cfg = json.loads((d / "config.json").read_text())
+    images, labels = torch.load(d / "images.pt"), torch.load(d / "labels.pt")
+    want = (images[labels == 0][0, 0] * cfg["std"][0] + cfg["mean"][0]).clamp(0, 1).mul(255).numpy()
+    with Image.open(out / "sweep_cam_eps_images.png") as im:
+        assert im.size == (10 * 14 + 2, 2 * 14 + 2)
+        tile = np.asarray(im.convert("L"), dtype=np.float64)[16:28, 2:14]
+    assert np.abs(tile - want).max() <= 1.0
 
 
 def test_rerun_skips_finished_work(done, idx_dir, capsys):
