@@ -412,12 +412,14 @@ def charts(args, study: dict) -> list:
     for sw in study.get("sweeps", []):
         method = sw.get("method", "nrr")
         modes = sw.get("label_modes", ["soft"])
-        lines = {f"{method}, IPC {sw['ipc']}, {m} labels": [(q["value"], q["labels"][m]["mean"])
-                                                           for q in sw["points"] if m in q.get("labels", {})]
+        # the legend names the label mode; the title the method, IPC and split (the legend is narrow)
+        lines = {f"{m} labels": [(q["value"], q["labels"][m]["mean"])
+                                 for q in sw["points"] if m in q.get("labels", {})]
                  for m in modes}
         made.append(line_chart({k: v for k, v in lines.items() if v},
                                args.out / (f"sweep_{sw['name']}.png" if method == "nrr"
-                                           else f"sweep_{method}_{sw['name']}.png"), title=f"{sw['name']} sweep (holdout top-1)",
+                                           else f"sweep_{method}_{sw['name']}.png"),
+                               title=f"{method}, IPC {sw['ipc']}: top-1 on the holdout against {sw['name']}",
                                xlabel=sw["name"], ylabel="top-1 %"))
     return made
 
