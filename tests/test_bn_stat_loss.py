@@ -246,7 +246,7 @@ def test_hooks_grad_equals_sre2l_hooks(device, dtype):
     x = torch.randn(5, 3, 12, 12, device=device, dtype=dtype, requires_grad=True)
     with nrrdd_ext.BNStatHooks(model, first_multiplier=2.0) as hooks:
         logits = model(x)
-        loss = hooks.loss() + 0.1 * logits.float().square().mean()
+        loss = hooks.loss() + 0.1 * logits.square().mean()  # in the model dtype: .float() cut float64 logits to fp32
     (gx,) = torch.autograd.grad(loss, x)
 
     ref_hooks = [R.BNFeatureHook(m) for m in model64.modules() if isinstance(m, nn.BatchNorm2d)]
