@@ -56,7 +56,9 @@ from nrrdd.data import HOLDOUT_PER_CLASS  # noqa: E402
 METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
 # beyond the default five: nrr refined without the label-refinement term L_lr, so that
 # its dbr column is the paper's "DBR" and nrr's the paper's "DBR+LR" (Table 2)
-EXTRA_METHODS = {"nrr-nolr": ("nrr", ["--no-label-refine"])}
+EXTRA_METHODS = {"nrr-nolr": ("nrr", ["--no-label-refine"]),
+                 # SRe2L's unmasked update without L_lr: the no-mask end of nrr-nolr's ε sweep
+                 "sre2l-nolr": ("sre2l", ["--no-label-refine"])}
 # the label columns: soft, one-hot, compact (top-2) and DBR; nrr is DBR+LR, nrr-nolr plain DBR
 LABELS = ("soft", "onehot", "compact", "dbr")
 # what each sweepable setting becomes on the `nrrdd run` command line ("factor" replaces --factor)
@@ -65,7 +67,7 @@ SWEEP_FLAGS = {"cam_eps": lambda v: ["--cam-eps", v], "r": lambda v: ["--r", v],
                "crop_min": lambda v: ["--crop-scale", v, "1"], "factor": lambda v: []}
 # methods whose refinement has no label-refinement term L_lr: the margin r reaches only their
 # DBR students, so an r sweep of one of them evaluates one distilled set at each value
-NO_LABEL_REFINE = ("random", "rded", "cidd", "nrr-nolr")
+NO_LABEL_REFINE = ("random", "rded", "cidd", "nrr-nolr", "sre2l-nolr")
 # the paper's claims, as (better, worse)
 ORDERINGS = (("nrr", "cidd"), ("cidd", "rded"), ("cidd", "random"))
 

@@ -155,6 +155,11 @@ def test_r_sweep_without_label_refinement_distils_once(done, idx_dir, capsys):
     assert study.main(base + ["--sweep-method", "nrr", "--sweep", "r=0.1,0.4", "--dry-run"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "sweep nrr r" in ln]
     assert len(lines) == 2 and "--r 0.1" in lines[0] and "sweep-r-0.1" in lines[0]
+    assert study.main(base + ["--method", "sre2l-nolr", "--sweep-method", "sre2l-nolr", "--sweep", "r=0.1",
+                              "--sweep-labels", "dbr", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "sre2l-nolr" in ln]
+    assert "--method sre2l" in lines[0] and "--no-label-refine" in lines[0] and "ipc1-sre2l-nolr" in lines[0]
+    assert "sweep-sre2l-nolr-r-base" in lines[1] and "--dbr-r 0.1" in lines[2]  # no L_lr: one set
     assert study.main(base + ["--sweep-method", "cidd", "--sweep", "r=0.1,0.4", "--sweep-labels", "soft,dbr"]) == 0
     made = sorted(d.name for d in out.glob("sweep-cidd-r-*"))
     assert made == ["sweep-cidd-r-base"]
