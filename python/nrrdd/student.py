@@ -42,7 +42,7 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -244,13 +244,37 @@ def train_student(ds: DistilledSet, arch: str, mode: str,
     return StudentRun(student_seed, top1, last_loss, seconds + time.perf_counter() - t0)
 
 
+# short names of the augmentation fields in an evaluation's variant (others: the field name)
+_AUGMENT_TAGS = {"batch_size": "b", "min_scale": "ms", "mix": ""}
+
+
+def protocol_variant(augment: AugmentConfig, default: AugmentConfig, epochs: int,
+                     replay_seed: int) -> List[str]:
+    """For students trained without a label folder (one-hot without stored labels,
+    ``--online``): the epochs, replay seed and augmentation that differ from the
+    protocol's defaults, e.g. ``["e50", "s3", "mixup", "ms0.25"]``. (With a label
+    folder these are the folder's, so they never differ between evaluations.)"""
+    parts = []
+    if int(epochs) != EPOCHS:
+        parts.append(f"e{int(epochs)}")
+    if int(replay_seed) != 0:
+        parts.append(f"s{int(replay_seed)}")
+    for f in fields(AugmentConfig):
+        value = getattr(augment, f.name)
+        if value != getattr(default, f.name):
+            tag = _AUGMENT_TAGS.get(f.name, f.name)
+            parts.append(f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
+    return parts
+
+
 def eval_variant(mode: str, *, dbr_r: float = DBR_R, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
                  temperature: Optional[float] = None, default_temperature: Optional[float] = None,
-                 online: bool = False) -> str:
+                 online: bool = False, protocol: Sequence[str] = ()) -> str:
     """The student settings that differ from the defaults, e.g. ``r0.2-lr0.002``
     (empty at the defaults): part of the evaluation's file name, so that an
-    evaluation at other settings never overwrites the default one."""
-    parts = []
+    evaluation at other settings never overwrites the default one. ``protocol``:
+    ``protocol_variant``'s parts, for students trained without a label folder."""
+    parts = list(protocol)
     if mode == "dbr" and float(dbr_r) != DBR_R:
         parts.append(f"r{float(dbr_r):g}")
     # stored compact labels fix their own temperature; soft targets take it at training time
@@ -280,14 +304,21 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
              label_manifest: Optional[dict] = None,
              device: torch.device | str = "cpu", resume: bool = False, quiet: bool = False,
              lr: float = LR, weight_decay: float = WEIGHT_DECAY, checkpoint_every_s: float = 60.0,
-             extra: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
+             extra: Optional[dict] = None, default_augment: Optional[AugmentConfig] = None,
+             log: Callable[[str], None] = print) -> dict:
     """Train ``seeds`` students (init seeds 0..seeds-1), write and return ``DIR/eval_*.json``.
 
     Per-seed checkpoints and results live in ``DIR/.<eval name>/`` until the json is
     written; ``resume`` continues from them, otherwise they are discarded.
+    ``default_augment``: the protocol's augmentation for this set; given for students
+    trained without a label folder, so that other epochs, replay seed or augmentation
+    go into the file name (``protocol_variant``) instead of replacing the default run.
     """
+    protocol = () if label_manifest is not None or default_augment is None else \
+        protocol_variant(augment, default_augment, epochs, replay_seed)
     variant = eval_variant(mode, dbr_r=dbr_r, lr=lr, weight_decay=weight_decay, temperature=temperature,
-                           default_temperature=L.DEFAULT_TEMPERATURE[augment.mix], online=online)
+                           default_temperature=L.DEFAULT_TEMPERATURE[augment.mix], online=online,
+                           protocol=protocol)
     name = eval_name(mode, arch, online, split, variant)
     work = ds.path / f".{name}"
     if not resume and work.exists() and D.is_main():

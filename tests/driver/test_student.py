@@ -125,7 +125,8 @@ def test_eval_json_and_online_equals_stored(setup):
     # online: the teacher runs during training on the same x_mix -> the very same students
     assert _evaluate(dist, "dbr", "--seeds", "2", "--online", "--epochs", "2", "--seed", str(seed),
                      "--batch-size", "5") == 0
-    o = json.loads((dist / "eval_dbr-online_convnet3.json").read_text())
+    # without a label folder the protocol is the command line's: what differs is in the name
+    o = json.loads((dist / f"eval_dbr-online-e2-s{seed}-b5_convnet3.json").read_text())
     assert o["online"] and o["label_bytes"] == 0
     assert o["top1"] == e["top1"] and o["final_train_loss"] == e["final_train_loss"]
 
@@ -145,12 +146,12 @@ def test_eval_at_other_student_settings_keeps_the_default_evaluation(setup, caps
     assert main(["evaluate", "--distilled", str(dist), "--labels", "soft", "--student", "convnet3",
                  "--device", "cpu", "--quiet", "--online", "--epochs", "1", "--batch-size", "5",
                  "--temperature", "3"]) == 0
-    assert (dist / "eval_soft-online-t3_convnet3.json").is_file()
+    assert (dist / "eval_soft-online-e1-b5-t3_convnet3.json").is_file()
     capsys.readouterr()
     assert main(["report", str(dist)]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "convnet3" in r]
     labels = sorted(r.split(" | ")[3] for r in rows)
-    assert labels == ["dbr", "dbr (r0.2-lr0.002)", "soft+online (t3)"]
+    assert labels == ["dbr", "dbr (r0.2-lr0.002)", "soft+online (e1-b5-t3)"]
 
 
 def test_eval_variant_names_only_what_differs():
@@ -164,6 +165,30 @@ def test_eval_variant_names_only_what_differs():
     assert eval_variant("compact", temperature=4.0, default_temperature=20.0) == ""  # fixed by its labels
     assert eval_name("dbr", "convnet3", False, "holdout", "r0.1") == "eval_dbr-r0.1_convnet3-holdout"
     assert eval_name("soft", "resnet18", True) == "eval_soft-online_resnet18"
+
+
+def test_protocol_variant_names_only_what_differs():
+    from nrrdd.student import EPOCHS, protocol_variant
+
+    base = AugmentConfig(batch_size=100, min_scale=0.5)
+    assert protocol_variant(base, base, EPOCHS, 0) == []
+    other = AugmentConfig(batch_size=50, min_scale=0.25, mix="mixup")
+    assert protocol_variant(other, base, 40, 3) == ["e40", "s3", "b50", "ms0.25", "mixup"]
+    assert protocol_variant(AugmentConfig(min_scale=0.5, flip=False), base, EPOCHS, 0) == ["flipFalse"]
+
+
+def test_onehot_without_labels_at_another_protocol_keeps_the_first_evaluation(setup):
+    """One-hot students need no label folder, so their epochs, replay seed and augmentation
+    come from the command line: an evaluation that changes them gets its own file."""
+    dist = setup / "dist"
+    assert _evaluate(dist, "onehot", "--seeds", "1", "--epochs", "2") == 0
+    first = (dist / "eval_onehot-e2_convnet3.json").read_bytes()
+    assert _evaluate(dist, "onehot", "--seeds", "1", "--epochs", "2", "--seed", "3", "--mix", "mixup",
+                     "--min-scale", "0.25", "--batch-size", "6") == 0
+    assert (dist / "eval_onehot-e2_convnet3.json").read_bytes() == first
+    v = json.loads((dist / "eval_onehot-e2-s3-b6-ms0.25-mixup_convnet3.json").read_text())
+    assert v["variant"] == "e2-s3-b6-ms0.25-mixup" and v["epochs"] == 2 and v["replay_seed"] == 3
+    assert json.loads(first)["variant"] == "e2"
 
 
 def test_interrupted_student_resumes_to_the_same_result(setup):
