@@ -10,7 +10,9 @@ ones resumed, so the study can be stopped and restarted. Then:
   (dbr - onehot) / (soft - onehot), the orderings the paper claims with whether
   each holds beyond noise (difference > 2 standard deviations of either side),
   the wall time of each stage, and the exact command of every row;
-- ``OUT/study.json``: the same numbers;
+- ``OUT/study.json``: the same numbers. The summary is cumulative: rows, sweeps and
+  cross rows of earlier invocations into the same OUT (same protocol) stay in it, so a
+  study run one method at a time ends with one table;
 - ``OUT/methods_ipc<N>.png``: one row of synthetic images per method (first
   image of each class), the same classes in the same columns.
 
@@ -210,39 +212,71 @@ def _top1(run: Path, run_json: dict, mode: str) -> list:
     return run_json["top1"][mode]
 
 
-def collect(args) -> dict:
+def _protocol(args) -> dict:
+    return {"iterations": args.iterations, "epochs": args.epochs, "mipc": args.mipc,
+            "factor": args.factor, "seeds": args.seeds, "distill_seeds": args.distill_seeds}
+
+
+def previous_summary(args) -> dict | None:
+    """OUT/study.json of earlier invocations, when it was made under the same protocol:
+    the new summary keeps its rows, sweeps and cross rows (study.json is cumulative, so
+    running one method at a time never drops the others from the table)."""
+    f = args.out / "study.json"
+    if not f.is_file():
+        return None
+    old = json.loads(f.read_text())
+    if old.get("protocol") != _protocol(args):
+        print(f"note: {f} was made under another protocol ({old.get('protocol')}); the new summary "
+              "holds only this invocation's runs", flush=True)
+        return None
+    return old
+
+
+def _cells(args, previous: dict | None) -> list:
+    """(ipc, method) of every row: this invocation's, then the previous summary's, sorted
+    by IPC and in the order of METHODS (the extra methods after them)."""
+    cells = {(ipc, m) for ipc in args.ipc for m in args.methods}
+    if previous:
+        cells |= {(r["ipc"], r["method"]) for r in previous["rows"].values()}
+    order = list(METHODS) + list(EXTRA_METHODS)
+    return sorted(cells, key=lambda c: (c[0], order.index(c[1]) if c[1] in order else len(order), c[1]))
+
+
+def collect(args, previous: dict | None = None) -> dict:
     rows = {}
-    for ipc in args.ipc:
-        for method in args.methods:
-            runs = [(d, json.loads((d / "run.json").read_text())) for _, d in distillations(args.out, ipc, method)]
-            if not runs:
-                continue
-            r = runs[0][1]
-            cells = {}
-            for mode in r["top1"]:
-                # every student of every distillation; and how far the distillations' own means spread
-                per_run = [_top1(d, rj, mode) for d, rj in runs if rj["top1"].get(mode)]
-                cells[mode] = _cell([v for vals in per_run for v in vals])
-                means = [statistics.fmean(v) for v in per_run]
-                cells[mode]["distillations"] = len(per_run)
-                cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
-            # the recover rate from the distillations that have all three modes, so that a
-            # later soft-only distillation does not mix into its soft term alone
-            full = [(d, rj) for d, rj in runs if all(rj["top1"].get(m) for m in ("soft", "onehot", "dbr"))]
-            rec = None
-            if full:
-                mean = {m: statistics.fmean([v for d, rj in full for v in _top1(d, rj, m)])
-                        for m in ("soft", "onehot", "dbr")}
-                gap = mean["soft"] - mean["onehot"]
-                rec = (mean["dbr"] - mean["onehot"]) / gap if gap > 0 else None
-            rows[f"{ipc}/{method}"] = {"ipc": ipc, "method": method, "top1": cells, "recover_rate": rec,
-                                        "seconds": r["seconds"], "label_bytes": r.get("label_bytes"),
-                                        "teacher": r["teacher"], "device": r["device"],
-                                        "torch": r.get("torch_version"),
-                                        "distill_seeds": [seed for seed, _ in distillations(args.out, ipc, method)],
-                                        "command": " ".join(command(args, ipc, method))}
+    ours = {(ipc, m) for ipc in args.ipc for m in args.methods}
+    for ipc, method in _cells(args, previous):
+        runs = [(d, json.loads((d / "run.json").read_text())) for _, d in distillations(args.out, ipc, method)]
+        if not runs:
+            continue
+        r = runs[0][1]
+        cells = {}
+        for mode in r["top1"]:
+            # every student of every distillation; and how far the distillations' own means spread
+            per_run = [_top1(d, rj, mode) for d, rj in runs if rj["top1"].get(mode)]
+            cells[mode] = _cell([v for vals in per_run for v in vals])
+            means = [statistics.fmean(v) for v in per_run]
+            cells[mode]["distillations"] = len(per_run)
+            cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
+        # the recover rate from the distillations that have all three modes, so that a
+        # later soft-only distillation does not mix into its soft term alone
+        full = [(d, rj) for d, rj in runs if all(rj["top1"].get(m) for m in ("soft", "onehot", "dbr"))]
+        rec = None
+        if full:
+            mean = {m: statistics.fmean([v for d, rj in full for v in _top1(d, rj, m)])
+                    for m in ("soft", "onehot", "dbr")}
+            gap = mean["soft"] - mean["onehot"]
+            rec = (mean["dbr"] - mean["onehot"]) / gap if gap > 0 else None
+        rows[f"{ipc}/{method}"] = {"ipc": ipc, "method": method, "top1": cells, "recover_rate": rec,
+                                   "seconds": r["seconds"], "label_bytes": r.get("label_bytes"),
+                                   "teacher": r["teacher"], "device": r["device"],
+                                   "torch": r.get("torch_version"),
+                                   "distill_seeds": [seed for seed, _ in distillations(args.out, ipc, method)],
+                                   "command": " ".join(command(args, ipc, method))}
+        if (ipc, method) not in ours and f"{ipc}/{method}" in previous["rows"]:
+            rows[f"{ipc}/{method}"]["command"] = previous["rows"][f"{ipc}/{method}"]["command"]
     orderings = []
-    for ipc in args.ipc:
+    for ipc in sorted({r["ipc"] for r in rows.values()}):
         for better, worse in ORDERINGS:
             a, b = rows.get(f"{ipc}/{better}"), rows.get(f"{ipc}/{worse}")
             if not a or not b or not a["top1"].get("soft") or not b["top1"].get("soft"):
@@ -289,10 +323,16 @@ def collect(args) -> dict:
         cross.append({"method": args.cross_method, "ipc": args.cross_ipc, "teacher": r["teacher"]["arch"],
                       "student": "convnet3",
                       **_cell(r["top1"]["soft"])})
-    return {"rows": rows, "orderings": orderings, "labels": list(args.labels), "sweeps": sweeps,
-            "cross": cross,
-            "protocol": {"iterations": args.iterations, "epochs": args.epochs, "mipc": args.mipc,
-                         "factor": args.factor, "seeds": args.seeds, "distill_seeds": args.distill_seeds}}
+    labels = list(args.labels)
+    if previous:  # what this invocation did not recompute stays as it was
+        labels += [m for m in previous["labels"] if m not in labels]
+        done = {(q["name"], q["method"], q["ipc"]) for q in sweeps}
+        sweeps += [q for q in previous.get("sweeps", []) if (q["name"], q.get("method", "nrr"), q["ipc"]) not in done]
+        key = lambda c: (c["method"], c["ipc"], c["teacher"], c["student"])  # noqa: E731
+        done = {key(c) for c in cross}
+        cross += [c for c in previous.get("cross", []) if key(c) not in done]
+    return {"rows": rows, "orderings": orderings, "labels": labels, "sweeps": sweeps,
+            "cross": cross, "protocol": _protocol(args)}
 
 
 def _fmt_cell(c: dict, seeds: int) -> str:
@@ -378,9 +418,10 @@ def _image_rows(folders: dict, path: Path) -> Path | None:
     return path
 
 
-def figure(args, ipc: int) -> Path | None:
-    """methods_ipc<N>.png: a row per method, the first synthetic image of each class."""
-    return _image_rows({m: run_dir(args.out, ipc, m) / "distilled" for m in args.methods},
+def figure(args, study: dict, ipc: int) -> Path | None:
+    """methods_ipc<N>.png: a row per method of the summary, the first synthetic image of each class."""
+    methods = [r["method"] for r in study["rows"].values() if r["ipc"] == ipc]
+    return _image_rows({m: run_dir(args.out, ipc, m) / "distilled" for m in methods},
                        args.out / f"methods_ipc{ipc}.png")
 
 
@@ -497,11 +538,11 @@ def main(argv=None) -> int:
         run_all(args)
         if args.dry_run:
             return 0
-    study = collect(args)
+    study = collect(args, previous_summary(args))
     (args.out / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True))
     (args.out / "study.md").write_text(table(study))
-    for ipc in args.ipc:
-        figure(args, ipc)
+    for ipc in sorted({r["ipc"] for r in study["rows"].values()}):
+        figure(args, study, ipc)
     sweep_figures(args)
     charts(args, study)
     print(table(study))

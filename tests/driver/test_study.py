@@ -243,3 +243,43 @@ def test_recover_rate_ignores_a_soft_only_distillation(done, idx_dir):
         assert row["recover_rate"] == pytest.approx((mean["dbr"] - mean["onehot"]) / (mean["soft"] - mean["onehot"]))
     else:
         assert row["recover_rate"] is None
+
+
+def test_summary_is_cumulative_over_invocations(done, idx_dir, capsys):
+    """One method per invocation (as long studies are run): study.json and the methods
+    figure keep the earlier rows, sweeps and cross rows; a changed protocol starts afresh."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    new = out.parent / "cumulative"
+    args = ["--teacher", str(teacher), "--out", str(new), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--labels", "soft", "--seeds", "1", "--epochs", "1", "--iterations", "1", "--mipc", "2",
+            "--factor", "1", "--device", "cpu"]
+    assert study.main(args + ["--method", "cidd", "--cross-method", "cidd", "--cross-ipc", "1",
+                              "--cross-student", "mobilenetv2"]) == 0
+    first = json.loads((new / "study.json").read_text())
+    assert study.main(args + ["--method", "random", "--labels", "soft,onehot"]) == 0
+    data = json.loads((new / "study.json").read_text())
+    assert set(data["rows"]) == {"1/random", "1/cidd"}
+    assert data["rows"]["1/cidd"]["top1"] == first["rows"]["1/cidd"]["top1"]
+    run = json.loads((new / "ipc1-random" / "run.json").read_text())
+    assert data["rows"]["1/random"]["top1"]["onehot"]["values"] == run["top1"]["onehot"]
+    assert data["labels"] == ["soft", "onehot"] and data["cross"] == first["cross"]
+    (o,) = data["orderings"]
+    assert o["claim"] == "cidd > random"
+    md = (new / "study.md").read_text()
+    assert md.index("| 1 | random |") < md.index("| 1 | cidd |")  # METHODS order, not invocation order
+    assert "mobilenetv2" in md
+    # a row keeps the command that made it (cidd ran with soft labels only)
+    assert data["rows"]["1/cidd"]["command"] == first["rows"]["1/cidd"]["command"]
+    assert "--labels soft --" in data["rows"]["1/cidd"]["command"]
+    from PIL import Image
+
+    with Image.open(new / "methods_ipc1.png") as im:  # both methods' rows
+        assert im.size == (10 * 14 + 2, 2 * 14 + 2)
+    assert (new / "methods_ipc1.txt").read_text() == "rows, top to bottom: random, cidd\n"
+    capsys.readouterr()
+    other = list(args)
+    other[other.index("--epochs") + 1] = "2"
+    assert study.main(other + ["--method", "random", "--table-only"]) == 0
+    assert "another protocol" in capsys.readouterr().out
+    assert list(json.loads((new / "study.json").read_text())["rows"]) == ["1/random"]
