@@ -15,7 +15,8 @@
   patch k of an image fills cell (k // factor, k % factor) of its grid;
 - ``log.jsonl``: the loss terms of each logged refinement iteration
   (``batch``, ``iteration``, ``ce``, ``bn``, ``lr``, ``total``, ``lr_rate``);
-- ``timings.json``: seconds per stage (load, cidd, refine, write, total).
+- ``timings.json``: seconds per stage (load, cidd, refine, write, total), and what a
+  resume reused (``resumed_units``, ``resumed_iterations``).
 
 Work units and resume. CIDD runs per class (seeded from (seed, class)), each
 class's result saved atomically to ``partial/cidd/<class>.pt``. Refinement
@@ -23,9 +24,13 @@ batches take the images slot-major across classes (slot 0 of every class,
 then slot 1, ...; ``batch_size`` per batch), so each batch mixes classes as the
 BN-statistic loss, matched to whole-dataset running statistics, wants (SRe2L's
 layout); batch b is seeded from (seed, b) and saved atomically to
-``partial/refine/<b>.pt`` with its log lines. ``resume=True`` reuses every
-finished unit, so an interrupted run resumed gives the same images as an
-uninterrupted one. After the final files are written, ``partial/`` is removed.
+``partial/refine/<b>.pt`` with its log lines. A batch under refinement also
+saves its state (images, Adam moments, step, log) to ``partial/refine/<b>.state.pt``
+every ``checkpoint_every_s`` seconds (120), so a long batch (a big teacher on a
+CPU) loses at most that much. ``resume=True`` reuses every finished unit and
+continues an interrupted batch from its state, so an interrupted run resumed
+gives the same images as an uninterrupted one. After the final files are
+written, ``partial/`` is removed.
 
 Several ranks (``torchrun``, :mod:`nrrdd.distributed`): rank 0 alone decides
 what to do with the output folder and lists the units still to do; the ranks
@@ -378,9 +383,12 @@ def refine_batches(num_classes: int, ipc: int, batch_size: int) -> List[torch.Te
 
 
 def distill(settings: DistillSettings, *, resume: bool = False, force: bool = False,
-            on_unit: Optional[Callable[[str, int], None]] = None, log=print) -> DistillResult:
+            on_unit: Optional[Callable[[str, int], None]] = None, checkpoint_every_s: float = 120.0,
+            log=print) -> DistillResult:
     """Run CIDD + NRR as the module docstring says. ``on_unit(stage, index)`` is
-    called after each finished, saved unit ('cidd', class) / ('refine', batch)."""
+    called after each finished, saved unit ('cidd', class) / ('refine', batch), and
+    after each saved mid-batch state ('refine_state', batch; every
+    ``checkpoint_every_s`` seconds of a batch's refinement)."""
     from tqdm import tqdm
 
     from nrrdd import images as png
@@ -408,6 +416,7 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
         return DistillResult(out, torch.load(out / "images.pt") if D.is_main() else None,
                              torch.load(out / "labels.pt"), old.get("timings", {}), resumed_units=-1)
     resumed = 0
+    resumed_iterations = 0  # refinement iterations of interrupted batches taken from their saved state
 
     # ---- CIDD, one class at a time
     t = time.perf_counter()
@@ -448,11 +457,23 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     for b in tqdm(D.shard(todo), desc="NRR", unit="batch", disable=not show):
         idx = batches[b]
         xb, yb = _load_initial(cidd_dir, ipc, idx).to(device), labels[idx].to(device)
-        lines: List[dict] = []
+        state_file = refine_dir / f"{b:05d}.state.pt"
+        state = torch.load(state_file) if resume and state_file.is_file() else None
+        lines: List[dict] = [{"batch": b, **rec} for rec in state["log"]] if state else []
+        if state:
+            resumed_iterations += int(state["step"])
+
+        def save_state(snap: dict, b: int = b, state_file: Path = state_file) -> None:
+            storage.save_torch(snap, state_file)
+            if on_unit:
+                on_unit("refine_state", b)
+
         if s.iterations > 0:
             res = refiner.refine(xb, yb, generator_for(s.seed, "refine", b), progress=show,
                                  desc=f"batch {b + 1}/{len(batches)}",
-                                 on_log=lambda rec: lines.append({"batch": b, **rec}))
+                                 on_log=lambda rec: lines.append({"batch": b, **rec}),
+                                 resume=state, on_checkpoint=save_state,
+                                 checkpoint_every_s=checkpoint_every_s)
             xr, mb, secs = res.images, res.masks, res.seconds
         else:
             with refiner:
@@ -460,6 +481,7 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
         unit = {"indices": idx, "images": xr.cpu(), "masks": mb.to(torch.float16).cpu(),
                 "log": lines, "seconds": secs}
         storage.save_torch(unit, refine_dir / f"{b:05d}.pt")
+        state_file.unlink(missing_ok=True)
         if on_unit:
             on_unit("refine", b)
     D.barrier()
@@ -494,6 +516,7 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     timings["resumed_units"] = resumed
+    timings["resumed_iterations"] = resumed_iterations
     storage.write_json(timings, out / "timings.json")
     storage.write_json(_config(p, "done", timings, started), out / "config.json")
     shutil.rmtree(out / "partial", ignore_errors=True)

@@ -339,6 +339,33 @@ class Refiner:
             self.iteration(st)
         return graph.replay
 
+    # ------------------------------------------------------------ mid-batch resume
+    def snapshot(self, st: RefineState) -> Dict[str, object]:
+        """What continuing this batch later needs, on the CPU: the images, Adam's
+        moments and the step. The CutMix draws are not in it: ``prepare`` remakes them
+        from the batch's generator, and the iteration reads them by step."""
+        return {"x": st.x.detach().cpu().clone(), "exp_avg": st.exp_avg.cpu().clone(),
+                "exp_avg_sq": st.exp_avg_sq.cpu().clone(), "step": int(st.step.item()),
+                "iterations": self.config.iterations}
+
+    def restore(self, st: RefineState, snap: Dict[str, object]) -> None:
+        """Put a :meth:`snapshot` of the same batch back into ``st`` (made by ``prepare``)."""
+        if snap.get("iterations") != self.config.iterations:
+            raise ValueError(f"the snapshot was taken in a run of {snap.get('iterations')} iterations, "
+                             f"this one has {self.config.iterations} (the cosine schedule differs)")
+        step = int(snap["step"])
+        if not 0 <= step <= self.config.iterations:
+            raise ValueError(f"snapshot step {step} outside [0, {self.config.iterations}]")
+        for name in ("x", "exp_avg", "exp_avg_sq"):
+            if tuple(snap[name].shape) != tuple(st.x.shape):
+                raise ValueError(f"snapshot {name} has shape {tuple(snap[name].shape)}, the batch "
+                                 f"{tuple(st.x.shape)}")
+        with torch.no_grad():
+            st.x.copy_(snap["x"])
+            st.exp_avg.copy_(snap["exp_avg"])
+            st.exp_avg_sq.copy_(snap["exp_avg_sq"])
+            st.step.fill_(step)
+
     @torch.no_grad()
     def masks(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The non-critical mask M = max(0, eps - CAM_up) of images ``x`` (B,1,H,W)."""
@@ -350,17 +377,41 @@ class Refiner:
     # -------------------------------------------------------------- driving
     def refine(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
                on_log: Optional[Callable[[Dict[str, float]], None]] = None,
-               progress: bool = False, desc: str = "refine") -> RefineResult:
+               progress: bool = False, desc: str = "refine",
+               resume: Optional[Dict[str, object]] = None,
+               on_checkpoint: Optional[Callable[[Dict[str, object]], None]] = None,
+               checkpoint_every_s: float = 120.0) -> RefineResult:
         """Refine ``x0`` for ``config.iterations`` iterations; log the loss terms
-        every ``log_every`` iterations (and at the last) through ``on_log``."""
+        every ``log_every`` iterations (and at the last) through ``on_log``.
+
+        Mid-batch resume: every ``checkpoint_every_s`` seconds (0: after every
+        iteration but the last) ``on_checkpoint`` receives a :meth:`snapshot` plus
+        the log so far (``log``) and the seconds spent (``seconds``); passing that
+        dict back as ``resume`` (same ``x0``, ``y``, a generator in the same state)
+        continues where it was taken, to the same images as an uninterrupted run
+        on the CPU."""
         from tqdm import tqdm
 
         cfg = self.config
         start = time.perf_counter()
-        log: List[Dict[str, float]] = []
+        log: List[Dict[str, float]] = list(resume["log"]) if resume else []
+        spent = float(resume["seconds"]) if resume else 0.0
         with self:
             st = self.prepare(x0, y, generator)
-            bar = tqdm(total=cfg.iterations, desc=desc, disable=not progress, leave=False)
+            if resume:
+                self.restore(st, resume)
+            first = int(st.step.item()) if resume else 0
+            bar = tqdm(total=cfg.iterations, initial=first, desc=desc, disable=not progress, leave=False)
+            last_save = time.perf_counter()
+
+            def checkpoint(i: int) -> None:
+                nonlocal last_save
+                if on_checkpoint is None or i + 1 >= cfg.iterations \
+                        or time.perf_counter() - last_save < checkpoint_every_s:
+                    return
+                on_checkpoint({**self.snapshot(st), "log": list(log),
+                               "seconds": spent + time.perf_counter() - start})
+                last_save = time.perf_counter()
 
             def after(i: int) -> None:
                 bar.update(1)
@@ -374,17 +425,20 @@ class Refiner:
                         on_log(rec)
 
             warm = cfg.graph_warmup
-            if cfg.cuda_graph and st.x.device.type == "cuda" and cfg.iterations > warm:
+            if cfg.cuda_graph and st.x.device.type == "cuda" and cfg.iterations - first > warm:
                 # the warm-up iterations are real ones: logged like the rest
-                replay = self.capture(st, warmup=warm, after_warmup=after)
-                for i in range(warm, cfg.iterations):
+                replay = self.capture(st, warmup=warm, after_warmup=lambda i: after(first + i))
+                for i in range(first + warm, cfg.iterations):
                     replay()
                     after(i)
+                    checkpoint(i)
             else:
-                for i in range(cfg.iterations):
+                for i in range(first, cfg.iterations):
                     self.iteration(st)
                     after(i)
+                    checkpoint(i)
             bar.close()
             images = st.x.detach().clone()
             masks = self.masks(images, st.y)
-        return RefineResult(images=images, masks=masks, log=log, seconds=time.perf_counter() - start)
+        return RefineResult(images=images, masks=masks, log=log,
+                            seconds=spent + time.perf_counter() - start)

@@ -130,6 +130,32 @@ def test_interrupted_run_resumes_to_identical_images(folder_dir, teacher_path, f
     assert main(_args(folder_dir, teacher_path, out, "--resume")) == 0
 
 
+def test_batch_interrupted_mid_refinement_resumes_from_its_state(folder_dir, teacher_path, full_run, tmp_path):
+    """With a state saved after every iteration, stop batch 1 after its first iteration:
+    --resume continues it from partial/refine/00001.state.pt to the same images and log."""
+    out = tmp_path / "run"
+
+    def stop_in_batch_1(stage, i):
+        if (stage, i) == ("refine_state", 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_settings(folder_dir, teacher_path, out), on_unit=stop_in_batch_1, checkpoint_every_s=0)
+    state = torch.load(out / "partial" / "refine" / "00001.state.pt")
+    full = torch.load(full_run / "images.pt")
+    assert state["step"] == 1 and state["iterations"] == 3
+    assert state["x"].shape == (len(refine_batches(3, 2, 4)[1]), *full.shape[1:])
+    assert not (out / "partial" / "refine" / "00000.state.pt").exists()  # batch 0 finished: state gone
+    redone = []
+    res = distill(_settings(folder_dir, teacher_path, out), resume=True, checkpoint_every_s=0,
+                  on_unit=lambda s, i: redone.append((s, i)))
+    assert redone == [("refine_state", 1), ("refine", 1)]  # iterations 2 and 3 of batch 1 only
+    assert res.timings["resumed_iterations"] == 1
+    assert torch.equal(torch.load(out / "images.pt"), full)
+    assert (out / "log.jsonl").read_text() == (full_run / "log.jsonl").read_text()
+    assert not (out / "partial").exists()
+
+
 def test_other_seed_differs_and_force_overwrites(folder_dir, teacher_path, full_run, tmp_path):
     out = tmp_path / "run"
     assert main(_args(folder_dir, teacher_path, out)[:-3] + ["--seed", "2", "--quiet"]) == 0

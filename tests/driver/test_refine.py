@@ -152,6 +152,50 @@ def test_refine_is_deterministic_and_logs():
     assert len(refiner.hooks._handles) == 0  # hooks removed after refine
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 6])
+def test_refine_resumes_mid_batch_to_the_same_images(stop_after):
+    """A snapshot taken after iteration k, passed back as ``resume``: the same images,
+    masks and log as one uninterrupted run (CPU, float32: bit for bit)."""
+    refiner, _ = _refiner(iterations=7, dtype=torch.float32)
+    x0, y = _batch(torch.float32, seed=torch.randint(0, 2**31, ()).item())
+    seed = torch.randint(0, 2**31, ()).item()
+    whole = refiner.refine(x0, y, torch.Generator().manual_seed(seed))
+    saved = []
+
+    def stop(snap):
+        saved.append(snap)
+        if snap["step"] == stop_after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        refiner.refine(x0, y, torch.Generator().manual_seed(seed), on_checkpoint=stop, checkpoint_every_s=0)
+    assert [s["step"] for s in saved] == list(range(1, stop_after + 1))
+    assert [r["iteration"] for r in saved[-1]["log"]] == [i for i in (2, 4, 6) if i <= stop_after]
+    assert len(refiner.hooks._handles) == 0  # the interruption removed the hooks too
+    resumed = refiner.refine(x0, y, torch.Generator().manual_seed(seed), resume=saved[-1])
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.masks, whole.masks)
+    assert resumed.log == whole.log and resumed.seconds >= saved[-1]["seconds"]
+
+
+def test_refine_refuses_a_snapshot_of_another_run():
+    refiner, _ = _refiner(iterations=4, dtype=torch.float32)
+    x0, y = _batch(torch.float32)
+    saved = []
+    with pytest.raises(_Stop):
+        refiner.refine(x0, y, torch.Generator().manual_seed(0), checkpoint_every_s=0,
+                       on_checkpoint=lambda s: (saved.append(s), (_ for _ in ()).throw(_Stop)))
+    with pytest.raises(ValueError, match="4 iterations"):
+        _refiner(iterations=5, dtype=torch.float32)[0].refine(x0, y, torch.Generator(), resume=saved[0])
+    with pytest.raises(ValueError, match="shape"):
+        refiner.refine(x0[:3], y[:3], torch.Generator(), resume=saved[0])
+    with pytest.raises(ValueError, match="outside"):
+        refiner.refine(x0, y, torch.Generator(), resume={**saved[0], "step": 9})
+
+
 def _features(refiner, x):
     with torch.no_grad():
         return refiner.cam.forward_features(x), refiner.cam.classifier_weight()
@@ -170,6 +214,32 @@ def test_cuda_graph_matches_eager():
     graph = refiner.refine(x0, y, torch.Generator().manual_seed(1))
     assert torch.allclose(eager.images, graph.images, atol=1e-4)
     assert [r["iteration"] for r in graph.log] == [r["iteration"] for r in eager.log]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_resumes_mid_batch():
+    """A CUDA-graph run stopped at a checkpoint and resumed (the graph captured anew
+    after the restored step) ends where an uninterrupted eager run does."""
+    refiner, _ = _refiner(iterations=10, dtype=torch.float32)
+    refiner.teacher.cuda()
+    refiner.clamp_min, refiner.clamp_max = refiner.clamp_min.cuda(), refiner.clamp_max.cuda()
+    x0, y = _batch(torch.float32)
+    x0, y = x0.cuda(), y.cuda()
+    eager = refiner.refine(x0, y, torch.Generator().manual_seed(2))
+    refiner.config.cuda_graph = True
+    saved = []
+
+    def stop(snap):
+        saved.append(snap)
+        if snap["step"] == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        refiner.refine(x0, y, torch.Generator().manual_seed(2), on_checkpoint=stop, checkpoint_every_s=0)
+    resumed = refiner.refine(x0, y, torch.Generator().manual_seed(2), resume=saved[-1])
+    assert torch.allclose(eager.images, resumed.images, atol=1e-4)
+    assert [r["iteration"] for r in resumed.log] == [r["iteration"] for r in eager.log]
 
 
 # ------------------------------------------------------------------ fast path
