@@ -267,12 +267,13 @@ def collect(args, previous: dict | None = None) -> dict:
                     for m in ("soft", "onehot", "dbr")}
             gap = mean["soft"] - mean["onehot"]
             rec = (mean["dbr"] - mean["onehot"]) / gap if gap > 0 else None
+        made = [m for m in LABELS if m in r["top1"]]  # the label modes the run made, not this invocation's
         rows[f"{ipc}/{method}"] = {"ipc": ipc, "method": method, "top1": cells, "recover_rate": rec,
                                    "seconds": r["seconds"], "label_bytes": r.get("label_bytes"),
                                    "teacher": r["teacher"], "device": r["device"],
                                    "torch": r.get("torch_version"),
                                    "distill_seeds": [seed for seed, _ in distillations(args.out, ipc, method)],
-                                   "command": " ".join(command(args, ipc, method))}
+                                   "command": " ".join(command(args, ipc, method, labels=made))}
         if (ipc, method) not in ours and f"{ipc}/{method}" in previous["rows"]:
             rows[f"{ipc}/{method}"]["command"] = previous["rows"][f"{ipc}/{method}"]["command"]
     orderings = []

@@ -272,6 +272,11 @@ def test_summary_is_cumulative_over_invocations(done, idx_dir, capsys):
     # a row keeps the command that made it (cidd ran with soft labels only)
     assert data["rows"]["1/cidd"]["command"] == first["rows"]["1/cidd"]["command"]
     assert "--labels soft --" in data["rows"]["1/cidd"]["command"]
+    assert "--labels soft,onehot --" in data["rows"]["1/random"]["command"]
+    # a later invocation naming more label modes does not rewrite what a row ran
+    assert study.main(args + ["--method", "cidd", "--labels", "soft,onehot,dbr", "--table-only"]) == 0
+    again = json.loads((new / "study.json").read_text())
+    assert "--labels soft --" in again["rows"]["1/cidd"]["command"]
     from PIL import Image
 
     with Image.open(new / "methods_ipc1.png") as im:  # both methods' rows
