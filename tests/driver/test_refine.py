@@ -201,14 +201,19 @@ def _features(refiner, x):
         return refiner.cam.forward_features(x), refiner.cam.classifier_weight()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_matches_eager():
-    refiner, _ = _refiner(iterations=8, dtype=torch.float32)
+def _cuda_refiner(iterations):
+    """A float32 refiner, its teacher, clamp bounds and a batch on the GPU."""
+    refiner, _ = _refiner(iterations=iterations, dtype=torch.float32)
     refiner.teacher.cuda()
     refiner.clamp_min, refiner.clamp_max = refiner.clamp_min.cuda(), refiner.clamp_max.cuda()
     x0, y = _batch(torch.float32)
-    x0, y = x0.cuda(), y.cuda()
+    return refiner, x0.cuda(), y.cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_matches_eager():
+    refiner, x0, y = _cuda_refiner(iterations=8)
     eager = refiner.refine(x0, y, torch.Generator().manual_seed(1))
     refiner.config.cuda_graph = True
     graph = refiner.refine(x0, y, torch.Generator().manual_seed(1))
@@ -221,11 +226,7 @@ def test_cuda_graph_matches_eager():
 def test_cuda_graph_resumes_mid_batch():
     """A CUDA-graph run stopped at a checkpoint and resumed (the graph captured anew
     after the restored step) ends where an uninterrupted eager run does."""
-    refiner, _ = _refiner(iterations=10, dtype=torch.float32)
-    refiner.teacher.cuda()
-    refiner.clamp_min, refiner.clamp_max = refiner.clamp_min.cuda(), refiner.clamp_max.cuda()
-    x0, y = _batch(torch.float32)
-    x0, y = x0.cuda(), y.cuda()
+    refiner, x0, y = _cuda_refiner(iterations=10)
     eager = refiner.refine(x0, y, torch.Generator().manual_seed(2))
     refiner.config.cuda_graph = True
     saved = []
