@@ -185,9 +185,13 @@ def test_refine_refuses_a_snapshot_of_another_run():
     refiner, _ = _refiner(iterations=4, dtype=torch.float32)
     x0, y = _batch(torch.float32)
     saved = []
+
+    def stop(snap):
+        saved.append(snap)
+        raise _Stop
+
     with pytest.raises(_Stop):
-        refiner.refine(x0, y, torch.Generator().manual_seed(0), checkpoint_every_s=0,
-                       on_checkpoint=lambda s: (saved.append(s), (_ for _ in ()).throw(_Stop)))
+        refiner.refine(x0, y, torch.Generator().manual_seed(0), checkpoint_every_s=0, on_checkpoint=stop)
     with pytest.raises(ValueError, match="4 iterations"):
         _refiner(iterations=5, dtype=torch.float32)[0].refine(x0, y, torch.Generator(), resume=saved[0])
     with pytest.raises(ValueError, match="shape"):

@@ -93,8 +93,9 @@ def test_online_and_compact(first_run, data, tmp_path):
     out = tmp_path / "online"
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
                  "--teacher", str(teacher), "--labels", "compact", "--online", *TINY]) == 0
-    ev = json.loads((out / "distilled" / "eval_compact-online_convnet3.json").read_text())
-    assert ev["online"] and ev["label_bytes"] == 0
+    # online students have no label folder: the 2 epochs (not the default 300) are in the name
+    ev = json.loads((out / "distilled" / "eval_compact-online-e2_convnet3.json").read_text())
+    assert ev["online"] and ev["label_bytes"] == 0 and ev["variant"] == "e2" and ev["epochs"] == 2
     assert not (out / "distilled" / "labels_compact").exists()
 
 

@@ -160,8 +160,7 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
                         label_manifest=manifest, device=device,
                         resume=args.resume, quiet=args.quiet, lr=args.lr,
                         weight_decay=args.weight_decay, extra=extra,
-                        default_augment=(default_augment(ds) if manifest is None
-                                         and getattr(args, "protocol_in_name", True) else None),
+                        default_augment=default_augment(ds) if manifest is None else None,
                         log=(lambda s: None) if args.quiet or not D.is_main() else print)
     return go
 

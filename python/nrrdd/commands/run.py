@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, batch_size=P["batch_size"], mix="cutmix", min_scale=1.0 / P["factor"],
             temperature=None, lr=1e-3, weight_decay=0.01, device=str(device), resume=args.resume,
             quiet=args.quiet, eval_split=args.eval_split, holdout_per_class=args.holdout_per_class,
-            dbr_r=args.r, protocol_in_name=False)  # the run's own protocol: the default file name
+            dbr_r=args.r)
         res = prepare(ns, extra={"method": args.method, "preset": args.preset})()
         timings["evaluate"] += time.perf_counter() - t
         results[mode] = res
