@@ -204,12 +204,17 @@ def _cell(values):
 
 
 def _top1(run: Path, run_json: dict, mode: str) -> list:
-    """The students' top-1 of one label mode: from the evaluation file (which holds
-    more seeds when ``nrrdd evaluate --seeds N`` was run on the set later), else run.json."""
-    f = run / "distilled" / f"eval_{mode}_{run_json.get('student', 'convnet3')}.json"
+    """The students' top-1 of one label mode on the run's split: from the evaluation file
+    (which holds more seeds when ``nrrdd evaluate --seeds N`` was run on the set later, or
+    the only ones when the mode was evaluated after ``nrrdd run``), else run.json; [] when
+    neither has the mode."""
+    from nrrdd.student import eval_name
+
+    name = eval_name(mode, run_json.get("student", "convnet3"), False, run_json.get("eval_split", "test"))
+    f = run / "distilled" / f"{name}.json"
     if f.is_file():
         return json.loads(f.read_text())["top1"]
-    return run_json["top1"][mode]
+    return run_json["top1"].get(mode) or []
 
 
 def _protocol(args) -> dict:
@@ -250,24 +255,25 @@ def collect(args, previous: dict | None = None) -> dict:
         if not runs:
             continue
         r = runs[0][1]
+        # every distillation's students per label mode, those evaluated after `nrrdd run` included
+        top1 = [{m: got for m in LABELS if (got := _top1(d, rj, m))} for d, rj in runs]
         cells = {}
-        for mode in r["top1"]:
+        for mode in [m for m in LABELS if any(m in t for t in top1)]:
             # every student of every distillation; and how far the distillations' own means spread
-            per_run = [_top1(d, rj, mode) for d, rj in runs if rj["top1"].get(mode)]
+            per_run = [t[mode] for t in top1 if mode in t]
             cells[mode] = _cell([v for vals in per_run for v in vals])
             means = [statistics.fmean(v) for v in per_run]
             cells[mode]["distillations"] = len(per_run)
             cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
         # the recover rate from the distillations that have all three modes, so that a
         # later soft-only distillation does not mix into its soft term alone
-        full = [(d, rj) for d, rj in runs if all(rj["top1"].get(m) for m in ("soft", "onehot", "dbr"))]
+        full = [t for t in top1 if all(m in t for m in ("soft", "onehot", "dbr"))]
         rec = None
         if full:
-            mean = {m: statistics.fmean([v for d, rj in full for v in _top1(d, rj, m)])
-                    for m in ("soft", "onehot", "dbr")}
+            mean = {m: statistics.fmean([v for t in full for v in t[m]]) for m in ("soft", "onehot", "dbr")}
             gap = mean["soft"] - mean["onehot"]
             rec = (mean["dbr"] - mean["onehot"]) / gap if gap > 0 else None
-        made = [m for m in LABELS if m in r["top1"]]  # the label modes the run made, not this invocation's
+        made = list(cells)  # the label modes the row has, not this invocation's
         rows[f"{ipc}/{method}"] = {"ipc": ipc, "method": method, "top1": cells, "recover_rate": rec,
                                    "seconds": r["seconds"], "label_bytes": r.get("label_bytes"),
                                    "teacher": r["teacher"], "device": r["device"],
@@ -299,7 +305,7 @@ def collect(args, previous: dict | None = None) -> dict:
             f = sweep_dir(args.out, name, "base" if only else v, args.sweep_method) / "run.json"
             if f.is_file():
                 r = json.loads(f.read_text())
-                cells = {m: _cell(r["top1"][m]) for m in args.sweep_labels if r["top1"].get(m)}
+                cells = {m: _cell(t) for m in args.sweep_labels if (t := _top1(f.parent, r, m))}
                 if only:  # the base set's DBR students at this margin; the other modes do not depend on r
                     e = r_eval_file(f.parent, v)
                     cells.pop("dbr", None)

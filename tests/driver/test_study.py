@@ -174,6 +174,19 @@ def test_r_sweep_without_label_refinement_distils_once(done, idx_dir, capsys):
     assert p01["values"] == e01["top1"] and p04["values"] == run["top1"]["dbr"]
     assert p01["labels"]["soft"]["values"] == p04["labels"]["soft"]["values"] == run["top1"]["soft"]
     assert sw["best_on_holdout"] == (0.1 if p01["mean"] >= p04["mean"] else 0.4)  # ties: the first
+    # soft students evaluated on the base set afterwards (more seeds): the points read them
+    from nrrdd.cli import main as nrrdd_main
+
+    dist = out / "sweep-cidd-r-base" / "distilled"
+    assert nrrdd_main(["evaluate", "--distilled", str(dist), "--student", "convnet3", "--labels", "soft",
+                       "--seeds", "2", "--epochs", "1", "--eval-split", "holdout", "--holdout-per-class", "1",
+                       "--data-dir", str(idx_dir), "--device", "cpu", "--quiet"]) == 0
+    soft = json.loads((dist / "eval_soft_convnet3-holdout.json").read_text())["top1"]
+    assert len(soft) == 2 and len(run["top1"]["soft"]) == 1
+    assert study.main(base + ["--sweep-method", "cidd", "--sweep", "r=0.1,0.4", "--sweep-labels", "soft,dbr",
+                              "--table-only"]) == 0
+    sw = [s for s in json.loads((out / "study.json").read_text())["sweeps"] if s["name"] == "r"][0]
+    assert all(p["labels"]["soft"]["values"] == soft for p in sw["points"])
 
 
 def test_cross_student_on_a_chosen_set(done, idx_dir):
@@ -239,10 +252,27 @@ def test_recover_rate_ignores_a_soft_only_distillation(done, idx_dir):
     row = json.loads((out / "study.json").read_text())["rows"]["1/random"]
     assert row["top1"]["soft"]["n"] == 6 and row["top1"]["onehot"]["n"] == 4
     mean = {m: sum(v for r in runs for v in r["top1"][m]) / 4 for m in ("soft", "onehot", "dbr")}
-    if mean["soft"] > mean["onehot"]:
-        assert row["recover_rate"] == pytest.approx((mean["dbr"] - mean["onehot"]) / (mean["soft"] - mean["onehot"]))
-    else:
-        assert row["recover_rate"] is None
+    rec = (mean["dbr"] - mean["onehot"]) / (mean["soft"] - mean["onehot"]) if mean["soft"] > mean["onehot"] else None
+    assert row["recover_rate"] == pytest.approx(rec)
+    # one-hot students of the third set, evaluated after its run: they join the row's one-hot
+    # cell (and its command), and still not the recover rate (that set has no DBR students)
+    from nrrdd.cli import main as nrrdd_main
+
+    dist = out / "ipc1-random-seed2" / "distilled"
+    # one-hot labels stored at the study's epochs first (as `nrrdd run` does), so the
+    # evaluation is of the study's protocol, not a variant named by its epochs
+    assert nrrdd_main(["relabel", "--distilled", str(dist), "--mode", "onehot", "--epochs", "1", "--quiet"]) == 0
+    assert nrrdd_main(["evaluate", "--distilled", str(dist), "--student", "convnet3", "--labels", "onehot",
+                       "--seeds", "2", "--epochs", "1", "--data-dir", str(idx_dir), "--device", "cpu",
+                       "--quiet"]) == 0
+    later = json.loads((dist / "eval_onehot_convnet3.json").read_text())["top1"]
+    assert study.main(["--out", str(out), "--ipc", "1", "--method", "random", "--labels", "soft", "--seeds", "2",
+                       "--epochs", "1", "--iterations", "1", "--mipc", "2", "--factor", "1",
+                       "--distill-seeds", "3", "--table-only"]) == 0
+    row = json.loads((out / "study.json").read_text())["rows"]["1/random"]
+    cell = row["top1"]["onehot"]
+    assert cell["n"] == 6 and cell["distillations"] == 3 and cell["values"][-2:] == later
+    assert row["recover_rate"] == pytest.approx(rec) and "--labels soft,onehot,dbr" in row["command"]
 
 
 def test_summary_is_cumulative_over_invocations(done, idx_dir, capsys):
