@@ -47,7 +47,8 @@ if [[ $DEV == cuda ]]; then
 
   # CUDA tests (the ops' and the driver's); NRRDD_SKIP_TESTS=1 for a second call on a warm machine
   if [[ "${NRRDD_SKIP_TESTS:-0}" != 1 ]]; then
-    $PY -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log" | tail -n 25
+    # shellcheck disable=SC2086
+    $PY -m pytest ${NRRDD_TEST_ARGS:-tests} -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log" | tail -n 25
     note "tests (cuda): $(tail -n 1 "$OUT/tests_cuda.log")"
   fi
 fi
@@ -122,22 +123,33 @@ if [[ " $STAGE " == *" teachers "* ]]; then
   cp /tmp/teacher_convnet3.pt "$extras/" 2>/dev/null || true
   pack
 fi
+# NRRDD_TEACHER_DIR: where teacher_<arch>.pt are (default /tmp, where `teachers` writes;
+# carried ones, e.g. data/teachers, spare a call the training). NRRDD_FAST_PARALLEL=1
+# runs the four fastcheck runs at once (wall times then shared: accuracy only).
+tdir="${NRRDD_TEACHER_DIR:-/tmp}"
+fastcheck_one() {  # arch path
+  local arch=$1 path=$2 run="/tmp/fastcheck/$1-$2" t0
+  t0=$(date +%s)
+  $PY -m nrrdd run --dataset fashion-mnist --data-dir "$data" --teacher "$tdir/teacher_$arch.pt" \
+    --method nrr --ipc 10 --labels soft --seeds 3 --iterations "$ITERS" --epochs "$EPOCHS" \
+    --mipc "$MIPC" --device "$DEV" "--$path" --out "$run" --force --quiet >"$extras/fastcheck_$arch-$path.log" 2>&1
+  mkdir -p "$extras/fastcheck/$arch-$path"
+  cp "$run/run.json" "$run/distilled/log.jsonl" "$run/distilled/timings.json" "$extras/fastcheck/$arch-$path/" 2>/dev/null
+  note "fastcheck $arch --$path: $($PY -c "import json; d=json.load(open('$run/run.json')); print(d['top1']['soft'], 'mean', round(d['top1_mean']['soft'], 2), 'distill s', round(d['seconds']['distill'], 1))" 2>&1 | tail -n 1), $(( $(date +%s) - t0 )) s"
+}
 if [[ " $STAGE " == *" fastcheck "* ]]; then
-  for arch in ${NRRDD_FAST_ARCHS:-convnet3 resnet18}; do
+  archs=${NRRDD_FAST_ARCHS:-convnet3 resnet18}
+  for arch in $archs; do
     for path in fast no-fast; do
-      run="/tmp/fastcheck/$arch-$path"
-      t0=$(date +%s)
-      $PY -m nrrdd run --dataset fashion-mnist --data-dir "$data" --teacher "/tmp/teacher_$arch.pt" \
-        --method nrr --ipc 10 --labels soft --seeds 3 --iterations "$ITERS" --epochs "$EPOCHS" \
-        --mipc "$MIPC" --device "$DEV" "--$path" --out "$run" --force --quiet >"$extras/fastcheck_$arch-$path.log" 2>&1
-      mkdir -p "$extras/fastcheck/$arch-$path"
-      cp "$run/run.json" "$run/distilled/log.jsonl" "$run/distilled/timings.json" "$extras/fastcheck/$arch-$path/" 2>/dev/null
-      note "fastcheck $arch --$path: $($PY -c "import json; d=json.load(open('$run/run.json')); print(d['top1']['soft'], 'mean', round(d['top1_mean']['soft'], 2), 'distill s', round(d['seconds']['distill'], 1))" 2>&1 | tail -n 1), $(( $(date +%s) - t0 )) s"
+      if [[ "${NRRDD_FAST_PARALLEL:-0}" == 1 ]]; then fastcheck_one "$arch" "$path" & else fastcheck_one "$arch" "$path"; fi
     done
+  done
+  wait
+  for arch in $archs; do
     $PY benchmarks/plot_loss_curves.py "/tmp/fastcheck/$arch-fast/distilled" "/tmp/fastcheck/$arch-no-fast/distilled" \
       --label "$arch --fast" --label "$arch --no-fast" --out "$extras/fastcheck/curves_$arch.png" >>"$summary" 2>&1
-    pack
   done
+  pack
 fi
 if [[ " $STAGE " == *" study "* ]]; then
   t0=$(date +%s)

@@ -192,7 +192,10 @@ def test_hooks_on_folded_model_equal_hooks_on_original(device):
     torch.testing.assert_close(exact, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(egx, rgx, rtol=1e-5, atol=1e-5 * rgx.abs().max().item())
 
-    loss, gx = hooked(folded, x)
+    # float32 proper: CUDA convolutions default to TF32 (10-bit mantissa), whose
+    # rounding alone moves this gradient by ~2% (seen on the H200)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        loss, gx = hooked(folded, x)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=0)
     rel = float((gx.double() - rgx).norm() / rgx.norm())
     assert rel < 2e-2, rel  # typically < 1e-6; 6e-3 with one ReLU tie; a wrong fold is O(1)

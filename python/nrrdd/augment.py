@@ -185,7 +185,9 @@ def crop_flip(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor) -> torch.
     so -1 and 1 are the box's outer pixel edges); a flip negates s.
     """
     B, C, H, W = x.shape
-    crop = crop.to(torch.float64)
+    # the boxes are drawn on the CPU; theta is formed there in float64, then moved to x
+    crop = crop.to(device="cpu", dtype=torch.float64)
+    flip = flip.to("cpu")
     sx = crop[:, 2] / W
     sy = crop[:, 3] / H
     cx = (2 * crop[:, 0] + crop[:, 2]) / W - 1
@@ -235,7 +237,7 @@ def replay_batch(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig,
     x = images[dev_idx]
     y = labels.to(images.device)[dev_idx]
     draws = draw_batch(len(idx), images.shape[-2], images.shape[-1], cfg, seed, epoch, batch)
-    x = crop_flip(x, draws.crop, draws.flip.to(x.device))
+    x = crop_flip(x, draws.crop, draws.flip)
     x_mix = mix(x, draws, cfg)
     return MixedBatch(epoch, batch, idx, x_mix, y, y[draws.perm.to(y.device)], draws.lam, draws.perm)
 

@@ -165,3 +165,20 @@ def test_config_round_trip_and_validation():
                 {"mix": "blend"}, {"mix_alpha": 0.0}):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mix_type", ["cutmix", "mixup"])
+def test_replay_on_cuda_matches_cpu(mix_type):
+    """Images on the GPU replay the same x_mix as on the CPU (the draws stay on the CPU;
+    relabelling and students on CUDA depend on it)."""
+    images, labels = _data(n=19)
+    cfg = AugmentConfig(batch_size=8, min_scale=0.3, mix=mix_type)
+    seed = fresh_seed()
+    for e, b in ((0, 0), (3, 2), (7, 1)):
+        cpu = replay_batch(images, labels, cfg, seed, e, b)
+        gpu = replay_batch(images.cuda(), labels.cuda(), cfg, seed, e, b)
+        assert gpu.x.is_cuda and gpu.y_org.is_cuda
+        assert torch.allclose(gpu.x.cpu(), cpu.x, atol=1e-5)
+        assert torch.equal(gpu.y_org.cpu(), cpu.y_org) and torch.equal(gpu.y_aug.cpu(), cpu.y_aug)
+        assert torch.equal(gpu.indices, cpu.indices) and gpu.lam == cpu.lam

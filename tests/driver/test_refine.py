@@ -310,16 +310,26 @@ def test_fold_needs_the_input_shape():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fast_path_gradient_close_to_plain_on_cuda():
-    """On CUDA the fast path adds bf16 autocast and channels_last: the first gradient
-    stays within bf16 tolerance of the float32 path (relative L2 error)."""
-    plain, fast, _ = _fast_pair({}, device="cuda")
-    assert fast.config.bf16 and fast.config.channels_last
-    x0, y = _batch(torch.float32)
-    g_plain, _, t_plain = _first_gradient(plain, x0.cuda(), y.cuda())
-    g_fast, _, t_fast = _first_gradient(fast, x0.cuda(), y.cuda())
-    rel = float((g_fast - g_plain).norm() / g_plain.norm())
-    assert rel < 5e-2, rel
-    assert float(t_fast["total"]) == pytest.approx(float(t_plain["total"]), rel=2e-2)
+    """On CUDA the fast path adds bf16 autocast and channels_last to the fold. Its first
+    gradient is held to the float32 path's (TF32 off) against bf16's own rounding:
+    bf16 autocast alone on the unfolded teacher moves the gradient by some relative L2
+    error e (6% on the H200 for this net); the fast path may move it by at most 2e.
+    A wrong fold or a wrong folded statistic is off by O(1)."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        plain, fast, model = _fast_pair({}, device="cuda")
+        assert fast.config.bf16 and fast.config.channels_last and fast.config.fold_bn
+        lo, hi = torch.tensor([-1.5], device="cuda"), torch.tensor([2.0], device="cuda")
+        bf16_only = Refiner(model, RefineConfig(iterations=5, log_every=2, bf16=True), lo, hi)
+        x0, y = _batch(torch.float32)
+        g_plain, _, t_plain = _first_gradient(plain, x0.cuda(), y.cuda())
+        g_fast, _, t_fast = _first_gradient(fast, x0.cuda(), y.cuda())
+        g_bf16, _, t_bf16 = _first_gradient(bf16_only, x0.cuda(), y.cuda())
+    err_bf16 = float((g_bf16 - g_plain).norm() / g_plain.norm())
+    err_fast = float((g_fast - g_plain).norm() / g_plain.norm())
+    assert 0 < err_bf16 < 0.3, err_bf16
+    assert err_fast < 2 * err_bf16 + 1e-3, (err_fast, err_bf16)
+    dev_bf16 = abs(float(t_bf16["total"]) / float(t_plain["total"]) - 1)
+    assert abs(float(t_fast["total"]) / float(t_plain["total"]) - 1) < 2 * dev_bf16 + 1e-3
 
 
 @pytest.mark.cuda

@@ -89,6 +89,30 @@ def test_replay_recomputes_the_stored_teacher_numbers(setup):
         assert torch.equal(comp["prob"][mb.indices], top.values.half())
 
 
+@pytest.mark.cuda
+def test_relabel_on_cuda_stores_the_teachers_numbers(setup):
+    """`nrrdd relabel --device cuda` stores what the teacher says of the replayed
+    batches, recomputed here on the CPU (TF32 convolutions on the GPU: 1e-2)."""
+    dist, seed, epochs = setup / "dist", fresh_seed(), 3
+    for mode in ("dbr", "soft"):
+        assert main(["relabel", "--distilled", str(dist), "--mode", mode, "--epochs", str(epochs),
+                     "--seed", str(seed), "--batch-size", "4", "--device", "cuda", "--quiet"]) == 0
+    ds = load_distilled(dist)
+    teacher, _ = load_teacher(setup / "teacher.pt")
+    cfg = AugmentConfig.from_dict(json.loads((dist / "labels_dbr" / "manifest.json").read_text())["augment"])
+    dbr, soft = L.LabelStore(dist, "dbr"), L.LabelStore(dist, "soft")
+    for e in range(epochs):
+        for b in range(num_batches(len(ds), cfg.batch_size)):
+            mb = replay_batch(ds.images, ds.labels, cfg, seed, e, b)
+            with torch.no_grad():
+                logits = teacher(mb.x).double()
+            r_org, r_aug = nrrdd_ext.reference.dbr_distances(logits, mb.y_org, mb.y_aug)
+            stored = dbr.read_epoch(e, len(ds), L.fields("dbr", CLASSES))["d"][mb.indices]
+            assert torch.allclose(stored.double(), torch.stack([r_org, r_aug], 1), rtol=1e-2, atol=1e-2)
+            got = soft.read_epoch(e, len(ds), L.fields("soft", CLASSES))["logits"][mb.indices]
+            assert torch.allclose(got.double(), logits, rtol=1e-2, atol=1e-2)
+
+
 def test_resume_continues_after_the_last_finished_epoch(setup, monkeypatch):
     dist, seed, epochs = setup / "dist", fresh_seed(), 5
     calls = {"n": 0}

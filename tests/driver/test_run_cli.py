@@ -88,6 +88,27 @@ def test_every_method(first_run, data, tmp_path, method):
         assert refine["mask"] == ("none" if method == "sre2l" else "cam")
 
 
+@pytest.mark.cuda
+def test_run_on_cuda_every_label_mode(first_run, data, tmp_path):
+    """The whole pipeline on the GPU (refinement, relabelling of every label mode,
+    students, online students): it finishes, and each student's top-1 is a share of
+    the 15 test images."""
+    out = tmp_path / "cuda"
+    tiny = [a if a != "cpu" else "cuda" for a in TINY]
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
+                 "--teacher", str(first_run[1] / "teacher.pt"), "--labels", "dbr,soft,compact,onehot", *tiny]) == 0
+    assert main(["evaluate", "--distilled", str(out / "distilled"), "--student", "convnet3", "--labels", "soft",
+                 "--online", "--epochs", "2", "--seeds", "1", "--device", "cuda", "--quiet"]) == 0
+    names = ["eval_dbr_convnet3", "eval_soft_convnet3", "eval_compact_convnet3", "eval_onehot_convnet3",
+             "eval_soft-online-e2_convnet3"]
+    for name in names:
+        ev = json.loads((out / "distilled" / f"{name}.json").read_text())
+        assert len(ev["top1"]) == 1 and 0 <= ev["top1"][0] <= 100, name
+        assert abs(ev["top1"][0] * 15 / 100 - round(ev["top1"][0] * 15 / 100)) < 1e-9, name
+    config = json.loads((out / "distilled" / "config.json").read_text())
+    assert config["refine"]["fold_bn"] and config["refine"]["bf16"]  # --fast is the default on CUDA
+
+
 def test_online_and_compact(first_run, data, tmp_path):
     teacher = first_run[1] / "teacher.pt"
     out = tmp_path / "online"
