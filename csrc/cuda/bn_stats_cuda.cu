@@ -11,6 +11,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "../bn_stats_math.h"
 #include "../op_prep.h"
 #include "launch.cuh"
@@ -21,7 +23,9 @@ namespace {
 
 constexpr int kPlaneThreads = 256;
 
-// Layout (outer, C, inner), inner > 1. grid = (C, splits). VEC elements per load.
+// Layout (outer, C, inner), inner > 1. grid = (C, splits): a block sums the planes
+// [o0, o1) of channel c, VEC elements per load. Large planes are walked plane by
+// plane (no index division); planes smaller than the block are flattened.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kPlaneThreads) plane_sums_kernel(
     const scalar_t* __restrict__ x, acc_t* __restrict__ partial, int64_t outer, int64_t C,
@@ -32,16 +36,32 @@ __global__ void __launch_bounds__(kPlaneThreads) plane_sums_kernel(
   const acc_t shift = static_cast<acc_t>(x[c * inner]);
   const int64_t per_plane = inner / VEC;
   const int64_t o0 = outer * split / splits, o1 = outer * (split + 1) / splits;
-  const int64_t n = (o1 - o0) * per_plane;
   acc_t s1 = 0, s2 = 0;
-  for (int64_t j = threadIdx.x; j < n; j += kPlaneThreads) {
-    const int64_t o = o0 + j / per_plane, i = j % per_plane;
-    const V val = reinterpret_cast<const V*>(x + (o * C + c) * inner)[i];
+  auto add = [&](const V& val) {
 #pragma unroll
     for (int t = 0; t < VEC; ++t) {
       const acc_t d = static_cast<acc_t>(val.v[t]) - shift;
       s1 += d;
       s2 += d * d;
+    }
+  };
+  if (per_plane >= kPlaneThreads) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const V* plane = reinterpret_cast<const V*>(x + (o * C + c) * inner);
+      int64_t i = threadIdx.x;
+      for (; i + kPlaneThreads < per_plane; i += 2 * kPlaneThreads) {
+        const V a = plane[i], b = plane[i + kPlaneThreads];  // two loads in flight
+        add(a);
+        add(b);
+      }
+      if (i < per_plane) add(plane[i]);
+    }
+  } else {
+    const uint32_t pp = static_cast<uint32_t>(per_plane);
+    const uint32_t n = static_cast<uint32_t>((o1 - o0) * per_plane);
+    for (uint32_t j = threadIdx.x; j < n; j += kPlaneThreads) {
+      const int64_t o = o0 + j / pp, i = j % pp;
+      add(reinterpret_cast<const V*>(x + (o * C + c) * inner)[i]);
     }
   }
   s1 = block_sum(s1, scratch);
@@ -94,39 +114,46 @@ __global__ void __launch_bounds__(256) row_sums_kernel(const scalar_t* __restric
   }
 }
 
-// One block: merges the partial sums of each channel in split order, writes mean,
-// var, the loss and the gradient coefficients.
+// One block: merges the partial sums of each channel in split order and, in
+// float64 as the CPU kernel does, forms the statistics, the loss and the gradient
+// coefficients (an fp32 mean of data near 1e4 is off by half an ulp, 5e-4, which
+// the difference to running_mean would carry into the loss).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(1024) finalize_kernel(
     const scalar_t* __restrict__ x, const acc_t* __restrict__ partial, int64_t splits, int64_t C,
-    int64_t inner, acc_t n, const acc_t* __restrict__ rm, const acc_t* __restrict__ rv,
-    Affine<acc_t> affine, acc_t* __restrict__ loss, acc_t* __restrict__ mean, acc_t* __restrict__ var,
+    int64_t inner, double n, const double* __restrict__ rm, const double* __restrict__ rv,
+    Affine<double> affine, acc_t* __restrict__ loss, acc_t* __restrict__ mean, acc_t* __restrict__ var,
     acc_t* __restrict__ coef) {
-  __shared__ acc_t scratch[32];
-  acc_t dm = 0, dv = 0;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t s1 = 0, s2 = 0;
+  __shared__ double scratch[32];
+  // (mean, var) of the BN layer's input for channel c, minus the running statistics
+  auto deltas = [&](int64_t c, double* mu, double* va) {
+    double s1 = 0, s2 = 0;
     for (int64_t k = 0; k < splits; ++k) {
-      s1 += partial[(k * C + c) * 2];
-      s2 += partial[(k * C + c) * 2 + 1];
+      s1 += static_cast<double>(partial[(k * C + c) * 2]);
+      s2 += static_cast<double>(partial[(k * C + c) * 2 + 1]);
     }
-    acc_t mu, va;
-    channel_stats<acc_t>(static_cast<acc_t>(x[c * inner]), s1, s2, n, &mu, &va);
-    mean[c] = mu;
-    var[c] = va;
-    const acc_t d_mean = affine.mean_of_input(c, mu) - rm[c];
-    const acc_t d_var = affine.var_of_input(c, va) - rv[c];
+    channel_stats<double>(static_cast<double>(x[c * inner]), s1, s2, n, mu, va);
+    return std::pair<double, double>(affine.mean_of_input(c, *mu) - rm[c], affine.var_of_input(c, *va) - rv[c]);
+  };
+  double dm = 0, dv = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    double mu, va;
+    const auto [d_mean, d_var] = deltas(c, &mu, &va);
+    mean[c] = static_cast<acc_t>(mu);
+    var[c] = static_cast<acc_t>(va);
     dm += d_mean * d_mean;
     dv += d_var * d_var;
   }
-  const acc_t nm = sqrt(block_sum(dm, scratch));
-  const acc_t nv = sqrt(block_sum(dv, scratch));
-  const acc_t im = safe_inverse(nm) / n, iv = safe_inverse(nv) / n;
+  const double nm = sqrt(block_sum(dm, scratch));
+  const double nv = sqrt(block_sum(dv, scratch));
+  const double im = safe_inverse(nm) / n, iv = safe_inverse(nv) / n;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    coef[c] = affine.mean_coef(c, (affine.mean_of_input(c, mean[c]) - rm[c]) * im);
-    coef[C + c] = affine.var_coef(c, acc_t(2) * (affine.var_of_input(c, var[c]) - rv[c]) * iv);
+    double mu, va;
+    const auto [d_mean, d_var] = deltas(c, &mu, &va);
+    coef[c] = static_cast<acc_t>(affine.mean_coef(c, d_mean * im));
+    coef[C + c] = static_cast<acc_t>(affine.var_coef(c, 2.0 * d_var * iv));
   }
-  if (threadIdx.x == 0) *loss = nm + nv;
+  if (threadIdx.x == 0) *loss = static_cast<acc_t>(nm + nv);
 }
 
 using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -149,7 +176,10 @@ Result bn_stats_impl(const at::Tensor& x_in, const ChannelView& v, const at::Ten
     coef.fill_(NAN);
     return {loss, mean, var, coef};
   }
-  at::Tensor rm = running_mean.to(acc).contiguous(), rv = running_var.to(acc).contiguous();
+  // the finalize works in float64 (a few numbers per channel)
+  at::Tensor rm = running_mean.to(at::kDouble).contiguous(), rv = running_var.to(at::kDouble).contiguous();
+  at::Tensor s64 = scale.defined() ? scale.to(at::kDouble).contiguous() : scale;
+  at::Tensor t64 = shift.defined() ? shift.to(at::kDouble).contiguous() : shift;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "bn_stats_cuda", [&] {
@@ -183,10 +213,10 @@ Result bn_stats_impl(const at::Tensor& x_in, const ChannelView& v, const at::Ten
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finalize_kernel<scalar_t, acc_t><<<1, 1024, 0, stream>>>(
-        xp, partial.data_ptr<acc_t>(), splits, C, v.inner, acc_t(v.outer * v.inner),
-        rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(),
-        Affine<acc_t>{scale.defined() ? scale.data_ptr<acc_t>() : nullptr,
-                      shift.defined() ? shift.data_ptr<acc_t>() : nullptr},
+        xp, partial.data_ptr<acc_t>(), splits, C, v.inner, static_cast<double>(v.outer * v.inner),
+        rm.data_ptr<double>(), rv.data_ptr<double>(),
+        Affine<double>{s64.defined() ? s64.data_ptr<double>() : nullptr,
+                       t64.defined() ? t64.data_ptr<double>() : nullptr},
         loss.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
         var.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -211,24 +241,52 @@ Result folded_bn_stat_loss_cuda(const at::Tensor& y, const at::Tensor& scale, co
   return bn_stats_impl(y, v, running_mean, running_var, s, t);
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
+// dL/dx = g (A_c + B_c (x - mean_c)). LAYOUT 0: the VEC elements of a load share
+// one channel (inner % VEC == 0); 1: channels-last (inner == 1, consecutive
+// channels); 2: anything else (a channel per element). index_t is int32 when the
+// tensor allows, so the index arithmetic stays cheap.
+template <typename scalar_t, typename acc_t, typename index_t, int VEC, int LAYOUT>
 __global__ void __launch_bounds__(256) bn_backward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ gx, const acc_t* __restrict__ g,
-    const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, int64_t total, int64_t C,
-    int64_t inner) {
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, index_t total, index_t C,
+    index_t inner) {
   using V = Vec<scalar_t, VEC>;
   const acc_t gl = *g;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total / VEC;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  const index_t n_vec = total / VEC;
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n_vec;
+       i += index_t(gridDim.x) * blockDim.x) {
     const V xv = reinterpret_cast<const V*>(x)[i];
     V out;
+    index_t c = LAYOUT == 0 ? (i * VEC / inner) % C : (LAYOUT == 1 ? (i * VEC) % C : 0);
 #pragma unroll
     for (int t = 0; t < VEC; ++t) {
-      const int64_t c = ((i * VEC + t) / inner) % C;
+      if (LAYOUT == 2) c = ((i * VEC + t) / inner) % C;
       out.v[t] = static_cast<scalar_t>(gl * (coef[c] + coef[C + c] * (static_cast<acc_t>(xv.v[t]) - mean[c])));
+      if (LAYOUT == 1 && ++c == C) c = 0;
     }
     reinterpret_cast<V*>(gx)[i] = out;
   }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+void launch_bn_backward(const scalar_t* xp, scalar_t* op, const at::Tensor& g, const at::Tensor& mean,
+                        const at::Tensor& coef, int64_t total, int64_t C, int64_t inner) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int threads = 256;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const acc_t* gp = g.data_ptr<acc_t>();
+  const acc_t* mp = mean.data_ptr<acc_t>();
+  const acc_t* cp = coef.data_ptr<acc_t>();
+  const bool vec = total % kVec == 0 && aligned_for<kVec>(xp, static_cast<const scalar_t*>(op));
+  auto go = [&](auto kernel, int width) {
+    kernel<<<elementwise_blocks(total / width, threads), threads, 0, stream>>>(
+        xp, op, gp, mp, cp, index_t(total), index_t(C), index_t(inner));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!vec) go(bn_backward_kernel<scalar_t, acc_t, index_t, 1, 0>, 1);
+  else if (inner % kVec == 0) go(bn_backward_kernel<scalar_t, acc_t, index_t, kVec, 0>, kVec);
+  else if (inner == 1) go(bn_backward_kernel<scalar_t, acc_t, index_t, kVec, 1>, kVec);
+  else go(bn_backward_kernel<scalar_t, acc_t, index_t, kVec, 2>, kVec);
 }
 
 at::Tensor bn_stat_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
@@ -242,21 +300,14 @@ at::Tensor bn_stat_loss_backward_cuda(const at::Tensor& grad_loss, const at::Ten
   const auto acc = acc_type(x_in);
   at::Tensor g = grad_loss.to(acc).contiguous(), mean = mean_in.to(acc).contiguous(),
              coef = coef_in.to(acc).contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "bn_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* xp = v.x.data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
-    const int threads = 256;
-    if (total % kVec == 0 && aligned_for<kVec>(xp, static_cast<const scalar_t*>(op))) {
-      bn_backward_kernel<scalar_t, acc_t, kVec><<<elementwise_blocks(total / kVec, threads), threads, 0, stream>>>(
-          xp, op, g.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), coef.data_ptr<acc_t>(), total, v.C, v.inner);
-    } else {
-      bn_backward_kernel<scalar_t, acc_t, 1><<<elementwise_blocks(total, threads), threads, 0, stream>>>(
-          xp, op, g.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), coef.data_ptr<acc_t>(), total, v.C, v.inner);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (total < (int64_t(1) << 31) - 1024)
+      launch_bn_backward<scalar_t, acc_t, int32_t>(xp, op, g, mean, coef, total, v.C, v.inner);
+    else
+      launch_bn_backward<scalar_t, acc_t, int64_t>(xp, op, g, mean, coef, total, v.C, v.inner);
   });
   return gx;
 }

@@ -144,7 +144,7 @@ struct StepShape {
 };
 
 // One thread handles VEC consecutive pixels of a row (W % VEC == 0).
-template <typename scalar_t, typename acc_t, int VEC, bool ADAM>
+template <typename scalar_t, typename acc_t, typename index_t, int VEC, bool ADAM>
 __global__ void __launch_bounds__(256) masked_step_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
     scalar_t* __restrict__ v, const acc_t* __restrict__ cam, const float* __restrict__ step,
@@ -155,12 +155,13 @@ __global__ void __launch_bounds__(256) masked_step_kernel(
   AdamStep<acc_t> k{};
   if (ADAM) k = adam_step_constants<acc_t>(lr_eff, beta1, beta2, eps, static_cast<acc_t>(*step) + acc_t(1));
   const acc_t sy = acc_t(s.h) / s.H, sx = acc_t(s.w) / s.W;
-  const int64_t total = s.B * s.C * s.H * s.W / VEC;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t e = i * VEC;
-    const int64_t x0 = e % s.W, row = e / s.W;
-    const int64_t yy = row % s.H, c = (row / s.H) % s.C, b = row / (s.H * s.C);
+  const index_t total = static_cast<index_t>(s.B * s.C * s.H * s.W / VEC);
+  const index_t W = s.W, H = s.H, C = s.C;
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < total;
+       i += index_t(gridDim.x) * blockDim.x) {
+    const index_t e = i * VEC;
+    const index_t x0 = e % W, row = e / W;
+    const index_t yy = row % H, rc = row / H, c = rc % C, b = rc / C;
     const auto ay = lerp_axis<acc_t>(yy, sy, s.h);
     const acc_t* cb = cam + b * s.h * s.w;
     V xv = reinterpret_cast<const V*>(x)[i];
@@ -217,8 +218,13 @@ void launch_masked_step(at::Tensor& x, const StepInputs& in, at::Tensor* m, at::
           data_or_null(in.clamp_max), s, acc_t(lr), acc_t(beta1), acc_t(beta2), acc_t(eps), acc_t(cam_eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec) args(masked_step_kernel<scalar_t, acc_t, kVec, ADAM>, kVec);
-    else args(masked_step_kernel<scalar_t, acc_t, 1, ADAM>, 1);
+    if (x.numel() < (int64_t(1) << 31) - 1024) {
+      if (vec) args(masked_step_kernel<scalar_t, acc_t, int32_t, kVec, ADAM>, kVec);
+      else args(masked_step_kernel<scalar_t, acc_t, int32_t, 1, ADAM>, 1);
+    } else {
+      if (vec) args(masked_step_kernel<scalar_t, acc_t, int64_t, kVec, ADAM>, kVec);
+      else args(masked_step_kernel<scalar_t, acc_t, int64_t, 1, ADAM>, 1);
+    }
   });
 }
 
