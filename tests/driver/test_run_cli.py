@@ -45,6 +45,7 @@ def test_quick_preset_end_to_end(first_run, data):
     images = torch.load(out / "distilled" / "images.pt")
     assert images.shape == (6, 1, SIZE, SIZE)
     assert run["label_bytes"] == {"dbr": 6 * 2 * 4, "onehot": 0}
+    assert run["gpu_peak_GiB"] is None  # measured on CUDA only
     assert torch.equal(torch.load(out / "ddranking" / "images.pt"), images)
     assert torch.load(out / "ddranking" / "soft_labels.pt").shape == (6, 3)
     table = (out / "report.md").read_text()
@@ -107,6 +108,9 @@ def test_run_on_cuda_every_label_mode(first_run, data, tmp_path):
         assert abs(ev["top1"][0] * 15 / 100 - round(ev["top1"][0] * 15 / 100)) < 1e-9, name
     config = json.loads((out / "distilled" / "config.json").read_text())
     assert config["refine"]["fold_bn"] and config["refine"]["bf16"]  # --fast is the default on CUDA
+    peaks = json.loads((out / "run.json").read_text())["gpu_peak_GiB"]
+    assert set(peaks) == {"teacher", "distill", "relabel", "evaluate"}
+    assert all(0 < v < 80 for v in peaks.values()), peaks
 
 
 def test_online_and_compact(first_run, data, tmp_path):

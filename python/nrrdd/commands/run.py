@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nrrdd import storage
     from nrrdd.commands.evaluate import prepare
-    from nrrdd.devices import resolve_device
+    from nrrdd.devices import StagePeaks, resolve_device
     from nrrdd.data import DATASETS, holdout_split, load_split
     from nrrdd.distill import DistillSettings, check_crop_scale, distill
     from nrrdd.distilled_set import export_ddranking, load_distilled
@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
     t_all = time.perf_counter()
     timings: dict = {}
+    peaks = StagePeaks(device)
     # data (fails early on a missing folder)
     train = load_split(args.dataset, args.data_dir, "train", args.image_size)
     test = load_split(args.dataset, args.data_dir, "test", args.image_size)
@@ -226,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. teacher
     t = time.perf_counter()
+    peaks.start()
     if args.teacher is not None:
         teacher_path = Path(args.teacher)
         teacher, meta = load_teacher(teacher_path, device)
@@ -252,11 +254,13 @@ def run(args: argparse.Namespace) -> int:
                          f"channels) does not fit {args.dataset}")
     student = args.student or meta["arch"]
     timings["teacher"] = time.perf_counter() - t
+    peaks.stop("teacher")
     acc = meta.get("test_accuracy")
     say(f"teacher: {meta['arch']}" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
 
     # 2. distilled images
     t = time.perf_counter()
+    peaks.start()
     dist = out / "distilled"
     if args.method == "random":
         if not (args.resume and (dist / "images.pt").is_file()):
@@ -275,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     timings["distill"] = time.perf_counter() - t
+    peaks.stop("distill")
     say(f"distilled: {len(ds)} images ({args.method}) in {timings['distill']:.0f}s -> {dist}")
 
     # 3. labels, 4. students
@@ -284,12 +289,15 @@ def run(args: argparse.Namespace) -> int:
     for mode in modes:
         if not args.online:
             t = time.perf_counter()
+            peaks.start()
             m = relabel(ds, teacher, meta, mode, P["epochs"], seed=args.seed, augment=augment, device=device,
                         resume=args.resume, quiet=args.quiet, log=say)
             timings["relabel"] += time.perf_counter() - t
+            peaks.stop("relabel")
             say(f"labels: {mode}, {m['bytes_stored']} bytes ({m['bytes_per_image_per_epoch']} per image "
                 f"per epoch)")
         t = time.perf_counter()
+        peaks.start()
         ns = argparse.Namespace(
             distilled=str(dist), dataset=args.dataset, data_dir=args.data_dir, student=student, labels=mode,
             online=args.online, teacher=str(teacher_path), epochs=P["epochs"], seeds=P["seeds"],
@@ -299,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
             dbr_r=args.r)
         res = prepare(ns, extra={"method": args.method, "preset": args.preset})()
         timings["evaluate"] += time.perf_counter() - t
+        peaks.stop("evaluate")
         results[mode] = res
     if args.export_ddranking:
         export_ddranking(ds, out / "ddranking", teacher, str(device))
@@ -314,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         "top1_mean": {m: r["top1_mean"] for m, r in results.items()},
         "top1_std": {m: r["top1_std"] for m, r in results.items()},
         "label_bytes": {m: r["label_bytes"] for m, r in results.items()},
-        "seconds": timings, "torch_version": torch.__version__,
+        "seconds": timings, "gpu_peak_GiB": peaks.as_dict(), "torch_version": torch.__version__,
         "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
         "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r, "label_refine": args.label_refine,
         "alpha_lr": args.alpha_lr, "crop_scale": list(args.crop_scale),
