@@ -38,7 +38,7 @@ Optional parts:
   way round.
 
     python benchmarks/fashion_mnist_study.py --teacher teacher.pt --out study \\
-        --ipc 1 --ipc 10 --ipc 50 --seeds 3 --device cuda
+        --ipc 1 --ipc 10 --ipc 50 --seeds 3 --device cuda --jobs 4
     python benchmarks/fashion_mnist_study.py --out study --table-only
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # a checkout's nrrdd first
@@ -169,31 +170,54 @@ def jobs(args) -> list:
     return todo
 
 
+def _prepare(args, k: int, total: int, job) -> tuple | None:
+    """The command line and log of one job, or None when it finished before."""
+    name, d, cmd, done = job
+    if args.device and cmd[1] == "run":
+        cmd = cmd + ["--device", args.device]
+    if args.data_dir:
+        cmd = cmd[:2] + ["--data-dir", str(args.data_dir)] + cmd[2:]
+    if done.is_file():
+        print(f"[{k + 1}/{total}] {name}: done before", flush=True)
+        return None
+    if d is not None and d.is_dir() and any(d.iterdir()):
+        cmd.append("--resume")
+    print(f"[{k + 1}/{total}] {name}: {' '.join(cmd)}", flush=True)
+    log_path = args.out / (name.replace(" ", "_").replace("=", "-") + ".log")
+    return name, cmd, log_path
+
+
+def _execute(prepared: tuple) -> tuple:
+    name, cmd, log_path = prepared
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        # -P: the working folder is not put on sys.path, so a source checkout's uncompiled
+        # nrrdd_ext/ cannot shadow the installed package
+        rc = subprocess.call([sys.executable, "-P", "-m", "nrrdd", *cmd[1:]], stdout=log,
+                             stderr=subprocess.STDOUT)
+    return name, rc, log_path, time.time() - t0
+
+
 def run_all(args) -> None:
+    """Every job not finished before. With --jobs N, up to N at once: first the runs
+    (each writes its own folder), then the evaluations of finished sets (the r sweep's
+    margins, the cross-architecture students), which read those folders. The first
+    failure stops what has not started."""
     todo = jobs(args)
-    for k, (name, d, cmd, done) in enumerate(todo):
-        if args.device and cmd[1] == "run":
-            cmd = cmd + ["--device", args.device]
-        if args.data_dir:
-            cmd = cmd[:2] + ["--data-dir", str(args.data_dir)] + cmd[2:]
-        if done.is_file():
-            print(f"[{k + 1}/{len(todo)}] {name}: done before", flush=True)
-            continue
-        if d is not None and d.is_dir() and any(d.iterdir()):
-            cmd.append("--resume")
-        print(f"[{k + 1}/{len(todo)}] {name}: {' '.join(cmd)}", flush=True)
-        if args.dry_run:
-            continue
-        t0 = time.time()
-        log_path = args.out / (name.replace(" ", "_").replace("=", "-") + ".log")
-        with open(log_path, "a") as log:
-            # -P: the working folder is not put on sys.path, so a source checkout's uncompiled
-            # nrrdd_ext/ cannot shadow the installed package
-            rc = subprocess.call([sys.executable, "-P", "-m", "nrrdd", *cmd[1:]], stdout=log,
-                                 stderr=subprocess.STDOUT)
-        if rc != 0:
-            raise SystemExit(f"{name} failed (exit {rc}); see {log_path}")
-        print(f"    {time.time() - t0:.0f} s", flush=True)
+    ready = [(job, _prepare(args, k, len(todo), job)) for k, job in enumerate(todo)]
+    if args.dry_run:
+        return
+    phases = [[p for job, p in ready if p and job[1] is not None], [p for job, p in ready if p and job[1] is None]]
+    for phase in phases:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(_execute, p) for p in phase]
+            for fut in as_completed(futures):
+                name, rc, log_path, seconds = fut.result()
+                if rc != 0:
+                    for f in futures:
+                        f.cancel()
+                    raise SystemExit(f"{name} failed (exit {rc}); see {log_path}")
+                print(f"    {name}: {seconds:.0f} s", flush=True)
 
 
 def _cell(values):
@@ -511,6 +535,9 @@ def main(argv=None) -> int:
     p.add_argument("--cross-method", default="nrr", choices=METHODS + tuple(EXTRA_METHODS),
                    help="the set the cross-architecture rows use (nrr)")
     p.add_argument("--cross-ipc", type=int, default=10, help="the IPC of that set (10)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (a GPU runs several small cells side by side; on a CPU give each "
+                        "OMP_NUM_THREADS=cores/jobs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--table-only", action="store_true", help="only rebuild study.md/json and the figures")
     args = p.parse_args(argv)
@@ -520,6 +547,8 @@ def main(argv=None) -> int:
     args.sweep_labels = [m for m in args.sweep_labels.split(",") if m]
     if args.distill_seeds < 1:
         p.error(f"--distill-seeds must be at least 1, got {args.distill_seeds}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if not args.sweep_labels or not set(args.sweep_labels) <= set(LABEL_MODES):
         p.error(f"--sweep-labels takes {', '.join(LABEL_MODES)} (comma-separated), got {','.join(args.sweep_labels)!r}")
     args.sweeps = []

@@ -318,3 +318,27 @@ def test_summary_is_cumulative_over_invocations(done, idx_dir, capsys):
     assert study.main(other + ["--method", "random", "--table-only"]) == 0
     assert "another protocol" in capsys.readouterr().out
     assert list(json.loads((new / "study.json").read_text())["rows"]) == ["1/random"]
+
+
+def test_jobs_run_side_by_side_to_the_same_numbers(done, idx_dir, capsys):
+    """--jobs 3: the fixture's two cells and its ε sweep, run at once into a fresh folder,
+    give the same students as the one-at-a-time fixture (every run is seeded); an
+    evaluation job (a cross-architecture student) waits for the set it reads."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    fresh = out.parent / "jobs3"
+    args = ["--teacher", str(teacher), "--out", str(fresh), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--method", "random", "--method", "cidd", "--labels", "soft,onehot,dbr", "--seeds", "2",
+            "--epochs", "1", "--iterations", "1", "--mipc", "2", "--factor", "1",
+            "--sweep", "cam_eps=0.3,0.6", "--sweep-ipc", "1", "--holdout-per-class", "1",
+            "--cross-student", "convnet3", "--cross-ipc", "1", "--cross-method", "cidd",
+            "--device", "cpu", "--jobs", "3"]
+    assert study.main(args) == 0
+    for d in ("ipc1-random", "ipc1-cidd", "sweep-cam_eps-0.3", "sweep-cam_eps-0.6"):
+        a = json.loads((out / d / "run.json").read_text())["top1"]
+        b = json.loads((fresh / d / "run.json").read_text())["top1"]
+        assert a == b, d
+    cross = json.loads((fresh / "study.json").read_text())["cross"]
+    assert [c["student"] for c in cross] == ["convnet3"] and len(cross[0]["values"]) == 2
+    with pytest.raises(SystemExit):
+        study.main(args[:-1] + ["0"])
