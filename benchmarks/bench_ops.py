@@ -19,16 +19,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nrrdd_ext  # noqa: E402
 from nrrdd_ext import reference as ref  # noqa: E402
-from timing import copy_bandwidth_gbs, emit, graph_ms, median_ms, rotation_count  # noqa: E402
+from timing import copy_bandwidth_gbs, emit, graph_ms, median_ms, profile_table, rotation_count  # noqa: E402
 
 # The BatchNorm input shapes of ResNet-18 at 224², with how many layers see each.
 RESNET18_BN_SHAPES = [((64, 112, 112), 1), ((64, 56, 56), 4), ((128, 28, 28), 5),
                       ((256, 14, 14), 5), ((512, 7, 7), 5)]
 
 
+PROFILE = None  # --profile PATH: each fused op's kernel table is appended there
+
+
 def _time(row, fused, composite, dev, iters):
     """Eager time per call (CUDA events around each call: what a Python loop sees,
     launch overhead included) and, on CUDA, device time from CUDA-graph replays."""
+    if PROFILE:
+        profile_table(fused, dev, f"{row['op']} {row['shape']} (fused)", PROFILE)
     row["fused_ms"] = median_ms(fused, dev, iters)
     row["composite_ms"] = median_ms(composite, dev, iters)
     if dev.type == "cuda":
@@ -116,7 +121,12 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
     p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument("--profile", metavar="PATH",
+                   help="append a torch.profiler kernel table of each fused op to PATH (where the "
+                        "device time of a multi-kernel op such as the masked step goes)")
     args = p.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
     dev = torch.device(args.device)
     torch.manual_seed(0)
     rows = []

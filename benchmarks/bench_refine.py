@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import emit, median_ms  # noqa: E402
+from timing import emit, median_ms, profile_table  # noqa: E402
 
 # name -> (arch, image size, channels, classes)
 CONFIGS = {
@@ -168,31 +168,12 @@ def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int,
     row = dict(config=config, mode=mode, batch=batch, ms=round(ms, 3),
                s_per_image=round(ms * PAPER_ITERATIONS / batch / 1000, 4))
     if profile:
-        _profile(step, dev, f"{config} {mode}", profile)
+        profile_table(step, dev, f"{config} {mode}", profile)
     if dev.type == "cuda":
         row["peak_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
     else:
         row["peak_RSS_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return row
-
-
-def _profile(step, dev, title, path, iters=5):
-    """Where one iteration's time goes: torch.profiler's op table, by device and by
-    CPU time, appended to ``path``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for i in range(iters):
-            step(i)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-    avg = prof.key_averages()
-    with open(path, "a") as f:
-        f.write(f"\n## {title} ({iters} iterations)\n")
-        if dev.type == "cuda":
-            f.write(avg.table(sort_by="self_cuda_time_total", row_limit=25) + "\n")
-        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
 
 
 def _run_isolated(args):

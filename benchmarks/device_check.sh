@@ -84,6 +84,8 @@ mkdir -p "$extras"
 pack() { tar czf "$OUT/extras.tar.gz.tmp" -C "$OUT" extras && mv "$OUT/extras.tar.gz.tmp" "$OUT/extras.tar.gz"; }
 if [[ " $STAGE " == *" ops "* && $DEV == cuda ]]; then
   $PY benchmarks/bench_ops.py --device cuda --iters 50 --json "$OUT/bench_ops.json" 2>&1
+  # the kernels of each fused op (the masked step is a CAM kernel and the step kernel)
+  $PY benchmarks/bench_ops.py --device cuda --iters 5 --profile "$OUT/profile.txt" >/dev/null 2>&1 || true
 fi
 if [[ " $STAGE " == *" refine "* && $DEV == cuda ]]; then
   $PY benchmarks/bench_refine.py --device cuda --iters 30 --json "$OUT/bench_refine.json" 2>&1

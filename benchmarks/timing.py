@@ -86,3 +86,23 @@ def emit(title: str, rows: Sequence[dict], columns: Sequence[str], meta: dict,
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(meta=meta, rows=list(rows)), f, indent=2)
+
+
+def profile_table(fn: Callable[[int], None], device: torch.device, title: str, path: str,
+                  iters: int = 5) -> None:
+    """Where the time of fn(0..iters-1) goes: torch.profiler's op and kernel table, by
+    device time (on CUDA) and by CPU time, appended to ``path`` under ``title``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(iters):
+            fn(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    avg = prof.key_averages()
+    with open(path, "a") as f:
+        f.write(f"\n## {title} ({iters} iterations)\n")
+        if device.type == "cuda":
+            f.write(avg.table(sort_by="self_cuda_time_total", row_limit=25) + "\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")

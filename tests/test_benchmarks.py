@@ -37,7 +37,13 @@ def test_bench_refine_cpu_smoke(tmp_path):
 
 
 def test_bench_ops_cpu_smoke(tmp_path):
-    data, _ = _run("bench_ops.py", "--device", "cpu", "--quick", "--iters", "2", tmp_path=tmp_path)
+    prof = tmp_path / "profile.txt"
+    data, _ = _run("bench_ops.py", "--device", "cpu", "--quick", "--iters", "2", "--profile", str(prof),
+                   tmp_path=tmp_path)
+    # one profiler table per fused op, naming the op the benchmark timed
+    titles = [line for line in prof.read_text().splitlines() if line.startswith("## ")]
+    assert titles == [f"## {r['op']} {r['shape']} (fused) (5 iterations)" for r in data["rows"]]
+    assert "nrrdd::masked_adam_step" in prof.read_text()
     ops = [r["op"] for r in data["rows"]]
     assert ops == ["masked_refine_step", "bn_stat_loss fwd+bwd", "dbr_loss fwd+bwd"]
     for r in data["rows"]:
