@@ -129,21 +129,29 @@ fi
 # carried ones, e.g. data/teachers, spare a call the training). NRRDD_FAST_PARALLEL=1
 # runs the four fastcheck runs at once (wall times then shared: accuracy only).
 tdir="${NRRDD_TEACHER_DIR:-/tmp}"
-fastcheck_one() {  # arch path
-  local arch=$1 path=$2 run="/tmp/fastcheck/$1-$2" t0
+fastcheck_one() {  # arch path distillation-seed
+  local arch=$1 path=$2 seed=$3 t0 tag run
+  tag="$arch-$path$([[ $seed != 0 ]] && echo "-seed$seed")"
+  run="/tmp/fastcheck/$tag"
   t0=$(date +%s)
   $PY -m nrrdd run --dataset fashion-mnist --data-dir "$data" --teacher "$tdir/teacher_$arch.pt" \
     --method nrr --ipc 10 --labels soft --seeds 3 --iterations "$ITERS" --epochs "$EPOCHS" \
-    --mipc "$MIPC" --device "$DEV" "--$path" --out "$run" --force --quiet >"$extras/fastcheck_$arch-$path.log" 2>&1
-  mkdir -p "$extras/fastcheck/$arch-$path"
-  cp "$run/run.json" "$run/distilled/log.jsonl" "$run/distilled/timings.json" "$extras/fastcheck/$arch-$path/" 2>/dev/null
-  note "fastcheck $arch --$path: $($PY -c "import json; d=json.load(open('$run/run.json')); print(d['top1']['soft'], 'mean', round(d['top1_mean']['soft'], 2), 'distill s', round(d['seconds']['distill'], 1))" 2>&1 | tail -n 1), $(( $(date +%s) - t0 )) s"
+    --mipc "$MIPC" --device "$DEV" "--$path" --seed "$seed" --out "$run" --force --quiet \
+    >"$extras/fastcheck_$tag.log" 2>&1
+  mkdir -p "$extras/fastcheck/$tag"
+  cp "$run/run.json" "$run/distilled/log.jsonl" "$run/distilled/timings.json" "$extras/fastcheck/$tag/" 2>/dev/null
+  note "fastcheck $arch --$path seed $seed: $($PY -c "import json; d=json.load(open('$run/run.json')); print(d['top1']['soft'], 'mean', round(d['top1_mean']['soft'], 2), 'distill s', round(d['seconds']['distill'], 1), 'peak GiB', d.get('gpu_peak_GiB'))" 2>&1 | tail -n 1), $(( $(date +%s) - t0 )) s"
 }
 if [[ " $STAGE " == *" fastcheck "* ]]; then
+  # NRRDD_FAST_SEEDS: distillation seeds per arch and path (default "0"; "0 1 2" pools
+  # 9 students per path, what the ResNet-18 check needs: its students spread ~2 points)
   archs=${NRRDD_FAST_ARCHS:-convnet3 resnet18}
   for arch in $archs; do
     for path in fast no-fast; do
-      if [[ "${NRRDD_FAST_PARALLEL:-0}" == 1 ]]; then fastcheck_one "$arch" "$path" & else fastcheck_one "$arch" "$path"; fi
+      for seed in ${NRRDD_FAST_SEEDS:-0}; do
+        if [[ "${NRRDD_FAST_PARALLEL:-0}" == 1 ]]; then fastcheck_one "$arch" "$path" "$seed" &
+        else fastcheck_one "$arch" "$path" "$seed"; fi
+      done
     done
   done
   wait
