@@ -26,13 +26,15 @@ fi
 # isolated editable build, and that machine is offline).
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 STAGE="${NRRDD_DEVICE_STAGES:-ops refine}"
-# Stage `patch`: benchmarks/pending/cuda_index_math.patch applied to a copy of the tree,
-# built beside the main build (8 jobs each), then its op CUDA tests and bench_ops.
+# Stage `patch`: the kernel changes waiting for a GPU (benchmarks/pending/*.patch, or
+# NRRDD_PATCHES) applied to a copy of the tree, built beside the main build (8 jobs
+# each), then its op CUDA tests and bench_ops, to compare with the main build's.
 patched=/tmp/nrrdd_patched
 if [[ " $STAGE " == *" patch "* && $DEV == cuda ]]; then
   rm -rf "$patched" && mkdir -p "$patched"
   tar cf - --exclude=./build --exclude='*.so' --exclude=./data --exclude=./.git . | tar xf - -C "$patched"
-  (cd "$patched" && { patch -p1 <benchmarks/pending/cuda_index_math.patch || git apply benchmarks/pending/cuda_index_math.patch; } >"$OUT/patch_build.log" 2>&1 \
+  (cd "$patched" && for f in ${NRRDD_PATCHES:-benchmarks/pending/*.patch}; do
+     echo "applying $f"; patch -p1 <"$f" || git apply "$f" || exit 1; done >"$OUT/patch_build.log" 2>&1 \
     && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 $PY setup.py build_ext --inplace >>"$OUT/patch_build.log" 2>&1) &
   patch_build=$!
   jobs_main=8
