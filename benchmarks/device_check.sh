@@ -4,6 +4,9 @@
 # the device tool:  bash benchmarks/device_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/nrrdd_device_out}"
+# NRRDD_WORK: scratch space for teachers, runs and builds (default /tmp, the device
+# machine's; give a folder of your own elsewhere, so nothing there is overwritten)
+W="${NRRDD_WORK:-/tmp}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
@@ -29,7 +32,7 @@ STAGE="${NRRDD_DEVICE_STAGES:-ops refine}"
 # Stage `patch`: the kernel changes waiting for a GPU (benchmarks/pending/*.patch, or
 # NRRDD_PATCHES) applied to a copy of the tree, built beside the main build (8 jobs
 # each), then its op CUDA tests and bench_ops, to compare with the main build's.
-patched=/tmp/nrrdd_patched
+patched="$W/nrrdd_patched"
 if [[ " $STAGE " == *" patch "* && $DEV == cuda ]]; then
   rm -rf "$patched" && mkdir -p "$patched"
   tar cf - --exclude=./build --exclude='*.so' --exclude=./data --exclude=./.git . | tar xf - -C "$patched"
@@ -64,7 +67,7 @@ fi
 # $OUT/extras.tar.gz, packed again after every stage so that a timeout loses nothing.
 data="${NRRDD_DATA:-data/fashion-mnist}"
 if [[ $DEV == cpu ]]; then  # rehearsal: 50 training and 10 test images per class of the real data
-  PYTHONPATH="$PWD/python" $PY - "$data" /tmp/fm_rehearsal <<'PYEOF'
+  PYTHONPATH="$PWD/python" $PY - "$data" "$W/fm_rehearsal" <<'PYEOF'
 import gzip, struct, sys
 from pathlib import Path
 import numpy as np
@@ -79,7 +82,7 @@ for split, per in (("train", 50), ("t10k", 10)):
         with gzip.open(dst / f"{split}-{kind}-idx{a.ndim}-ubyte.gz", "wb") as f:
             f.write(bytes([0, 0, 8, a.ndim]) + struct.pack(">" + "I" * a.ndim, *a.shape) + a.astype(np.uint8).tobytes())
 PYEOF
-  data=/tmp/fm_rehearsal
+  data="$W/fm_rehearsal"
 fi
 extras="$OUT/extras"
 mkdir -p "$extras"
@@ -120,21 +123,21 @@ if [[ " $STAGE " == *" teachers "* ]]; then
     $PY -m nrrdd train-teacher --dataset fashion-mnist --data-dir "$data" --arch "$arch" \
       ${precision:+--bf16 --channels-last} \
       --epochs "$([[ $DEV == cuda ]] && echo "$epochs" || echo 1)" --augment "${augment:-standard}" \
-      --out "/tmp/teacher_$arch.pt" --device "$DEV" --force 2>&1 | grep -v Warning \
+      --out "$W/teacher_$arch.pt" --device "$DEV" --force 2>&1 | grep -v Warning \
       | tee -a "$extras/teachers.log" | tail -n 3
     note "teacher $arch ($epochs epochs asked): $(grep -o 'test accuracy [0-9.]*' "$extras/teachers.log" | tail -n 1), $(( $(date +%s) - t0 )) s"
   done
-  cp /tmp/teacher_convnet3.pt "$extras/" 2>/dev/null || true
+  cp "$W/teacher_convnet3.pt" "$extras/" 2>/dev/null || true
   pack
 fi
-# NRRDD_TEACHER_DIR: where teacher_<arch>.pt are (default /tmp, where `teachers` writes;
+# NRRDD_TEACHER_DIR: where teacher_<arch>.pt are (default $W, where `teachers` writes;
 # carried ones, e.g. data/teachers, spare a call the training). NRRDD_FAST_PARALLEL=1
 # runs the four fastcheck runs at once (wall times then shared: accuracy only).
-tdir="${NRRDD_TEACHER_DIR:-/tmp}"
+tdir="${NRRDD_TEACHER_DIR:-$W}"
 fastcheck_one() {  # arch path distillation-seed
   local arch=$1 path=$2 seed=$3 t0 tag run
   tag="$arch-$path$([[ $seed != 0 ]] && echo "-seed$seed")"
-  run="/tmp/fastcheck/$tag"
+  run="$W/fastcheck/$tag"
   t0=$(date +%s)
   $PY -m nrrdd run --dataset fashion-mnist --data-dir "$data" --teacher "$tdir/teacher_$arch.pt" \
     --method nrr --ipc 10 --labels soft --seeds 3 --iterations "$ITERS" --epochs "$EPOCHS" \
@@ -158,7 +161,7 @@ if [[ " $STAGE " == *" fastcheck "* ]]; then
   done
   wait
   for arch in $archs; do
-    $PY benchmarks/plot_loss_curves.py "/tmp/fastcheck/$arch-fast/distilled" "/tmp/fastcheck/$arch-no-fast/distilled" \
+    $PY benchmarks/plot_loss_curves.py "$W/fastcheck/$arch-fast/distilled" "$W/fastcheck/$arch-no-fast/distilled" \
       --label "$arch --fast" --label "$arch --no-fast" --out "$extras/fastcheck/curves_$arch.png" >>"$summary" 2>&1
   done
   pack
@@ -168,12 +171,12 @@ if [[ " $STAGE " == *" study "* ]]; then
   # shellcheck disable=SC2086
   rehearsal=()
   [[ $DEV == cpu ]] && rehearsal=(--epochs 1 --iterations 2 --mipc 4 --seeds 1 --ipc 1 --holdout-per-class 10)
-  $PY benchmarks/fashion_mnist_study.py --teacher /tmp/teacher_convnet3.pt --data-dir "$data" \
-    --out /tmp/study --device "$DEV" "${rehearsal[@]}" ${NRRDD_STUDY_ARGS:-} >"$extras/study.log" 2>&1
+  $PY benchmarks/fashion_mnist_study.py --teacher "$W/teacher_convnet3.pt" --data-dir "$data" \
+    --out "$W/study" --device "$DEV" "${rehearsal[@]}" ${NRRDD_STUDY_ARGS:-} >"$extras/study.log" 2>&1
   mkdir -p "$extras/study"
-  cp /tmp/study/study.* /tmp/study/methods_* "$extras/study/" 2>/dev/null
-  for f in /tmp/study/ipc*/run.json; do d=$(basename "$(dirname "$f")"); cp "$f" "$extras/study/$d.run.json"; done
-  note "study: $(( $(date +%s) - t0 )) s; $(grep -c '^| [0-9]' /tmp/study/study.md 2>/dev/null) table rows"
+  cp "$W"/study/study.* "$W"/study/methods_* "$extras/study/" 2>/dev/null
+  for f in "$W"/study/ipc*/run.json; do d=$(basename "$(dirname "$f")"); cp "$f" "$extras/study/$d.run.json"; done
+  note "study: $(( $(date +%s) - t0 )) s; $(grep -c '^| [0-9]' "$W/study/study.md" 2>/dev/null) table rows"
 fi
 pack && rm -rf "$extras"
 note "total: $(( $(date +%s) - start )) s"

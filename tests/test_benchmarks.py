@@ -67,3 +67,40 @@ def test_plot_loss_curves_averages_batches(tmp_path):
     assert "fast: first 2.5000, last 3.5000 (2 points)" in proc.stdout  # mean of batches 0 and 1
     assert "plain: first 3.5000, last 4.5000" in proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not any(FASHION.glob("train-images-idx3-ubyte*")),
+                    reason=f"real Fashion-MNIST not installed at {FASHION} (Debian package dataset-fashion-mnist)")
+def test_device_check_rehearsal(tmp_path):
+    """benchmarks/device_check.sh, the one script a GPU session runs, rehearsed on the CPU
+    (NRRDD_REHEARSAL=1: real Fashion-MNIST cut to 50 + 10 images per class, toy budgets):
+    a teacher, then the fastcheck's --fast and --no-fast runs side by side. Its summary's
+    numbers are the runs' own, its extras archive holds them, and its scratch files stay
+    in NRRDD_WORK."""
+    import os
+    import re
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), NRRDD_WORK=str(work), NRRDD_REHEARSAL="1", NRRDD_DATA=str(FASHION),
+               NRRDD_DEVICE_STAGES="teachers fastcheck", NRRDD_TEACHERS="convnet3:1:flip",
+               NRRDD_FAST_ARCHS="convnet3", NRRDD_FAST_PARALLEL="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", str(BENCH / "device_check.sh")], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"teacher convnet3 \(1 epochs asked\): test accuracy 0\.\d+", summary), summary
+    assert (work / "teacher_convnet3.pt").is_file()
+    with tarfile.open(out / "extras.tar.gz") as tar:
+        runs = {path: json.load(tar.extractfile(f"extras/fastcheck/convnet3-{path}/run.json"))
+                for path in ("fast", "no-fast")}
+    for path, run in runs.items():
+        top1 = run["top1"]["soft"]
+        assert len(top1) == 3 and all(0 <= v <= 100 for v in top1)
+        assert all(abs(v - round(v)) < 1e-9 for v in top1)  # 100 test images: whole percents
+        assert f"fastcheck convnet3 --{path} seed 0: {top1} mean" in summary
+    assert runs["fast"]["fast"] is True and runs["no-fast"]["fast"] is False
