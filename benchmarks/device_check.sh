@@ -25,9 +25,16 @@ DEV=cuda EPOCHS=300 MIPC=300 ITERS="${NRRDD_ITERS:-2000}"
 if [[ "${NRRDD_REHEARSAL:-0}" == 1 ]]; then
   DEV=cpu EPOCHS=1 MIPC=40 ITERS=2
 fi
-# An in-place build (the device image's pip would try to fetch setuptools for an
-# isolated editable build, and that machine is offline).
-export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+# On the GPU: an in-place build (the device image's pip would try to fetch setuptools
+# for an isolated editable build, and that machine is offline), first on the path. In a
+# rehearsal: the installed nrrdd_ext, with -P so that the checkout's uncompiled
+# nrrdd_ext/ folder cannot shadow it (a plain `pip install .` leaves no _C there).
+if [[ $DEV == cuda ]]; then
+  export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+else
+  PY="$PY -P"
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 STAGE="${NRRDD_DEVICE_STAGES:-ops refine}"
 # Stage `patch`: the kernel changes waiting for a GPU (benchmarks/pending/*.patch, or
 # NRRDD_PATCHES) applied to a copy of the tree, built beside the main build (8 jobs
