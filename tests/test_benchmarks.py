@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from nrrdd.data import DEBIAN_FASHION_MNIST as FASHION
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -69,7 +70,6 @@ def test_plot_loss_curves_averages_batches(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.mark.skipif(not any(FASHION.glob("train-images-idx3-ubyte*")),

@@ -21,33 +21,42 @@ def resolve_device(name: str | None):
     return dev
 
 
-class StagePeaks:
-    """Peak GPU memory (GiB, ``torch.cuda.max_memory_allocated``) of each stage of a
-    run: ``start()`` resets the counter, ``stop(stage)`` keeps the largest peak seen
-    for that stage. ``as_dict()`` is None on the CPU (nothing to measure there)."""
+class StageMeter:
+    """Wall time and peak GPU memory of each stage of a run: ``start()`` starts the clock
+    and resets ``torch.cuda.max_memory_allocated``; ``stop(stage)`` adds the seconds
+    since to ``seconds[stage]`` and keeps the largest peak (GiB) seen for that stage.
+    ``gpu_peaks()`` is None on the CPU (nothing to measure there)."""
 
     def __init__(self, device) -> None:
         import torch
 
         self.device = torch.device(device)
-        self.peaks: dict = {}
+        self.seconds: dict = {}
+        self._peaks: dict = {}
+        self._t0 = 0.0
 
     @property
-    def active(self) -> bool:
+    def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
     def start(self) -> None:
-        if self.active:
+        import time
+
+        if self.on_gpu:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._t0 = time.perf_counter()
 
     def stop(self, stage: str) -> None:
-        if self.active:
+        import time
+
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - self._t0
+        if self.on_gpu:
             import torch
 
             gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-            self.peaks[stage] = round(max(self.peaks.get(stage, 0.0), gib), 4)
+            self._peaks[stage] = round(max(self._peaks.get(stage, 0.0), gib), 4)
 
-    def as_dict(self):
-        return dict(self.peaks) if self.active else None
+    def gpu_peaks(self):
+        return dict(self._peaks) if self.on_gpu else None

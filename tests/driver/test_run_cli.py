@@ -234,3 +234,20 @@ def test_alpha_lr_weights_the_label_refinement_term(data, tmp_path):
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(tmp_path / "bad"),
                  "--alpha-lr", "-1", *TINY]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_stage_meter_adds_up_each_stage(monkeypatch):
+    """StageMeter (run.json's seconds and gpu_peak_GiB): a stage entered twice (relabel,
+    evaluate: once per label mode) adds its times; no GPU peaks on the CPU."""
+    import time
+
+    from nrrdd.devices import StageMeter
+
+    ticks = iter([10.0, 12.5, 20.0, 21.0, 30.0, 30.25])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    meter = StageMeter("cpu")
+    for stage in ("relabel", "distill", "relabel"):
+        meter.start()
+        meter.stop(stage)
+    assert meter.seconds == {"relabel": 2.75, "distill": 1.0}
+    assert meter.gpu_peaks() is None

@@ -322,8 +322,8 @@ def test_summary_is_cumulative_over_invocations(done, idx_dir, capsys):
 
 def test_jobs_run_side_by_side_to_the_same_numbers(done, idx_dir, capsys):
     """--jobs 3: the fixture's two cells and its ε sweep, run at once into a fresh folder,
-    give the same students as the one-at-a-time fixture (every run is seeded); an
-    evaluation job (a cross-architecture student) waits for the set it reads."""
+    give the same students as the one-at-a-time fixture (every run is seeded), and the
+    evaluation phase after them fills the cross-architecture row."""
     rc, out = done
     teacher = out.parent / "teacher.pt"
     fresh = out.parent / "jobs3"

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nrrdd import storage
     from nrrdd.commands.evaluate import prepare
-    from nrrdd.devices import StagePeaks, resolve_device
+    from nrrdd.devices import StageMeter, resolve_device
     from nrrdd.data import DATASETS, holdout_split, load_split
     from nrrdd.distill import DistillSettings, check_crop_scale, distill
     from nrrdd.distilled_set import export_ddranking, load_distilled
@@ -203,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
 
     t_all = time.perf_counter()
-    timings: dict = {}
-    peaks = StagePeaks(device)
+    meter = StageMeter(device)
+    timings = meter.seconds
     # data (fails early on a missing folder)
     train = load_split(args.dataset, args.data_dir, "train", args.image_size)
     test = load_split(args.dataset, args.data_dir, "test", args.image_size)
@@ -226,8 +226,7 @@ def run(args: argparse.Namespace) -> int:
                              f"pools only {have}: raise --mipc or lower --factor/--ipc")
 
     # 1. teacher
-    t = time.perf_counter()
-    peaks.start()
+    meter.start()
     if args.teacher is not None:
         teacher_path = Path(args.teacher)
         teacher, meta = load_teacher(teacher_path, device)
@@ -253,14 +252,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"teacher {teacher_path} ({meta['num_classes']} classes, {meta['in_channels']} "
                          f"channels) does not fit {args.dataset}")
     student = args.student or meta["arch"]
-    timings["teacher"] = time.perf_counter() - t
-    peaks.stop("teacher")
+    meter.stop("teacher")
     acc = meta.get("test_accuracy")
     say(f"teacher: {meta['arch']}" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
 
     # 2. distilled images
-    t = time.perf_counter()
-    peaks.start()
+    meter.start()
     dist = out / "distilled"
     if args.method == "random":
         if not (args.resume and (dist / "images.pt").is_file()):
@@ -278,8 +275,7 @@ def run(args: argparse.Namespace) -> int:
             label_refine=args.label_refine, crop_min_scale=args.crop_scale[0], crop_max_scale=args.crop_scale[1])
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
-    timings["distill"] = time.perf_counter() - t
-    peaks.stop("distill")
+    meter.stop("distill")
     say(f"distilled: {len(ds)} images ({args.method}) in {timings['distill']:.0f}s -> {dist}")
 
     # 3. labels, 4. students
@@ -288,16 +284,13 @@ def run(args: argparse.Namespace) -> int:
     timings["relabel"], timings["evaluate"] = 0.0, 0.0
     for mode in modes:
         if not args.online:
-            t = time.perf_counter()
-            peaks.start()
+            meter.start()
             m = relabel(ds, teacher, meta, mode, P["epochs"], seed=args.seed, augment=augment, device=device,
                         resume=args.resume, quiet=args.quiet, log=say)
-            timings["relabel"] += time.perf_counter() - t
-            peaks.stop("relabel")
+            meter.stop("relabel")
             say(f"labels: {mode}, {m['bytes_stored']} bytes ({m['bytes_per_image_per_epoch']} per image "
                 f"per epoch)")
-        t = time.perf_counter()
-        peaks.start()
+        meter.start()
         ns = argparse.Namespace(
             distilled=str(dist), dataset=args.dataset, data_dir=args.data_dir, student=student, labels=mode,
             online=args.online, teacher=str(teacher_path), epochs=P["epochs"], seeds=P["seeds"],
@@ -306,8 +299,7 @@ def run(args: argparse.Namespace) -> int:
             quiet=args.quiet, eval_split=args.eval_split, holdout_per_class=args.holdout_per_class,
             dbr_r=args.r)
         res = prepare(ns, extra={"method": args.method, "preset": args.preset})()
-        timings["evaluate"] += time.perf_counter() - t
-        peaks.stop("evaluate")
+        meter.stop("evaluate")
         results[mode] = res
     if args.export_ddranking:
         export_ddranking(ds, out / "ddranking", teacher, str(device))
@@ -323,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         "top1_mean": {m: r["top1_mean"] for m, r in results.items()},
         "top1_std": {m: r["top1_std"] for m, r in results.items()},
         "label_bytes": {m: r["label_bytes"] for m, r in results.items()},
-        "seconds": timings, "gpu_peak_GiB": peaks.as_dict(), "torch_version": torch.__version__,
+        "seconds": timings, "gpu_peak_GiB": meter.gpu_peaks(), "torch_version": torch.__version__,
         "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
         "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r, "label_refine": args.label_refine,
         "alpha_lr": args.alpha_lr, "crop_scale": list(args.crop_scale),
