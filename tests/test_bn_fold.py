@@ -190,7 +190,9 @@ def test_hooks_on_folded_model_equal_hooks_on_original(device):
     # the fold's algebra, in float64 (its weights were rounded to float32 once: ~6e-8)
     exact, egx = hooked(copy.deepcopy(folded).double(), x.double())
     torch.testing.assert_close(exact, ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(egx, rgx, rtol=1e-5, atol=1e-5 * rgx.abs().max().item())
+    # the same ReLU ties as below, from the weights' float32 rounding: held in relative L2
+    # norm (typically ~1e-7; 4.4e-4 with one tie, NRRDD_TEST_SEED=1856213163 in CI)
+    assert float((egx - rgx).norm() / rgx.norm()) < 5e-3
 
     # float32 proper: CUDA convolutions default to TF32 (10-bit mantissa), whose
     # rounding alone moves this gradient by ~2% (seen on the H200)
