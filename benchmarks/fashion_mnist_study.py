@@ -35,7 +35,13 @@ Optional parts:
   ConvNet-3 teacher, evaluated on those students, soft labels;
 - ``--cross-teacher CKPT``: ``--cross-method`` at IPC ``--cross-ipc`` distilled with
   another teacher (e.g. a ResNet-18) and evaluated on ConvNet-3 students, the other
-  way round.
+  way round;
+- ``--swap-labels`` (with ``--cross-teacher``): the label-swap controls, each one
+  ``nrrdd run --images-from``: the ``--teacher``'s set labelled by the cross teacher
+  (``OUT/swap-<method>-images-main/``) and the cross teacher's set labelled by the
+  ``--teacher`` (``OUT/swap-<method>-images-cross/``), ConvNet-3 students, soft labels;
+  with the two sets' own rows this is the 2×2 of who chose the images against who
+  labels them.
 
     python benchmarks/fashion_mnist_study.py --teacher teacher.pt --out study \\
         --ipc 1 --ipc 10 --ipc 50 --seeds 3 --device cuda --jobs 4
@@ -127,8 +133,19 @@ def cross_dir(out: Path, method: str = "nrr", ipc: int = 10) -> Path:
     return out / (f"cross-teacher-{method}" if ipc == 10 else f"cross-teacher-ipc{ipc}-{method}")
 
 
+def swap_dirs(args) -> dict:
+    """{images' chooser: (the swap run's folder, the set it labels, the labelling teacher)}."""
+    m, ipc = args.cross_method, args.cross_ipc
+    suffix = "" if ipc == 10 else f"-ipc{ipc}"
+    return {"main": (args.out / f"swap-{m}{suffix}-images-main", run_dir(args.out, ipc, m) / "distilled",
+                     args.cross_teacher),
+            "cross": (args.out / f"swap-{m}{suffix}-images-cross", cross_dir(args.out, m, ipc) / "distilled",
+                      args.teacher)}
+
+
 def jobs(args) -> list:
-    """(name, folder, command, done-marker) of every run of the study, in order."""
+    """(name, folder, command, done-marker) of every run of the study, in order. A job
+    without a folder, or named "swap ...", reads the folders of other runs: it runs after them."""
     todo = []
     for ipc in args.ipc:
         for m in args.methods:
@@ -167,7 +184,18 @@ def jobs(args) -> list:
         cmd = command(args, args.cross_ipc, args.cross_method, d, ["soft"], ["--student", "convnet3"],
                       teacher=args.cross_teacher)
         todo.append(("cross teacher", d, cmd, d / "run.json"))
+    if args.swap_labels:
+        for chooser, (d, images, teacher) in swap_dirs(args).items():
+            cmd = ["nrrdd", "run", "--dataset", "fashion-mnist", "--preset", "paper", "--images-from", str(images),
+                   "--teacher", str(teacher or "TEACHER.pt"), "--labels", "soft", "--student", "convnet3",
+                   "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--out", str(d), "--quiet"]
+            todo.append((f"swap labels {chooser} images", d, cmd, d / "run.json"))
     return todo
+
+
+def _after_runs(job) -> bool:
+    name, folder = job[0], job[1]
+    return folder is None or name.startswith("swap ")
 
 
 def _prepare(args, k: int, total: int, job) -> tuple | None:
@@ -207,7 +235,7 @@ def run_all(args) -> None:
     ready = [(job, _prepare(args, k, len(todo), job)) for k, job in enumerate(todo)]
     if args.dry_run:
         return
-    phases = [[p for job, p in ready if p and job[1] is not None], [p for job, p in ready if p and job[1] is None]]
+    phases = [[p for job, p in ready if p and not _after_runs(job)], [p for job, p in ready if p and _after_runs(job)]]
     for phase in phases:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [pool.submit(_execute, p) for p in phase]
@@ -352,14 +380,21 @@ def collect(args, previous: dict | None = None) -> dict:
     if args.cross_teacher and f.is_file():
         r = json.loads(f.read_text())
         cross.append({"method": args.cross_method, "ipc": args.cross_ipc, "teacher": r["teacher"]["arch"],
-                      "student": "convnet3",
+                      "labels_by": r["teacher"]["arch"], "student": "convnet3",
                       **_cell(r["top1"]["soft"])})
+    if args.swap_labels:
+        for d, images, _ in swap_dirs(args).values():
+            if (d / "run.json").is_file():
+                r = json.loads((d / "run.json").read_text())
+                chooser = json.loads((images / "config.json").read_text())["teacher"]["arch"]
+                cross.append({"method": args.cross_method, "ipc": args.cross_ipc, "teacher": chooser,
+                              "labels_by": r["teacher"]["arch"], "student": "convnet3", **_cell(r["top1"]["soft"])})
     labels = list(args.labels)
     if previous:  # what this invocation did not recompute stays as it was
         labels += [m for m in previous["labels"] if m not in labels]
         done = {(q["name"], q["method"], q["ipc"]) for q in sweeps}
         sweeps += [q for q in previous.get("sweeps", []) if (q["name"], q.get("method", "nrr"), q["ipc"]) not in done]
-        key = lambda c: (c["method"], c["ipc"], c["teacher"], c["student"])  # noqa: E731
+        key = lambda c: (c["method"], c["ipc"], c["teacher"], c.get("labels_by", c["teacher"]), c["student"])  # noqa: E731
         done = {key(c) for c in cross}
         cross += [c for c in previous.get("cross", []) if key(c) not in done]
     return {"rows": rows, "orderings": orderings, "labels": labels, "sweeps": sweeps,
@@ -409,9 +444,10 @@ def table(study: dict) -> str:
             out.append(f"| {q['value']:g} | " + " | ".join(row) + " |")
     if study.get("cross"):
         out += ["", "Cross-architecture (soft labels):", "",
-                "| IPC | method | distilled with | student | top-1 |", "|---|---|---|---|---|"]
+                "| IPC | method | distilled with | labelled by | student | top-1 |", "|---|---|---|---|---|---|"]
         for c in study["cross"]:
-            out.append(f"| {c.get('ipc', 10)} | {c.get('method', 'nrr')} | {c['teacher']} | {c['student']} | "
+            out.append(f"| {c.get('ipc', 10)} | {c.get('method', 'nrr')} | {c['teacher']} | "
+                       f"{c.get('labels_by', c['teacher'])} | {c['student']} | "
                        f"{c['mean']:.2f} ± {c['std']:.2f} |")
     out += ["", "Commands:", ""]
     out += [f"- IPC {r['ipc']} {r['method']}: `{r['command']}`"
@@ -532,6 +568,8 @@ def main(argv=None) -> int:
                         "(repeatable)")
     p.add_argument("--cross-teacher", type=Path, default=None,
                    help="also distil --cross-method at --cross-ipc with this teacher, evaluated on ConvNet-3")
+    p.add_argument("--swap-labels", action="store_true",
+                   help="with --cross-teacher: each teacher's --cross-method set labelled by the other teacher")
     p.add_argument("--cross-method", default="nrr", choices=METHODS + tuple(EXTRA_METHODS),
                    help="the set the cross-architecture rows use (nrr)")
     p.add_argument("--cross-ipc", type=int, default=10, help="the IPC of that set (10)")
@@ -567,6 +605,8 @@ def main(argv=None) -> int:
         if students_only(name, args.sweep_method) and "dbr" not in args.sweep_labels:
             p.error(f"for {args.sweep_method}, r reaches only the DBR students: add dbr to --sweep-labels")
         args.sweeps.append((name, vals))
+    if args.swap_labels and args.cross_teacher is None:
+        p.error("--swap-labels needs --cross-teacher (the other teacher)")
     if not args.table_only:
         if args.teacher is None or not args.teacher.is_file():
             p.error("--teacher must name an existing checkpoint (train one with `nrrdd train-teacher`)")

@@ -113,6 +113,20 @@ def save_distilled(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
     storage.write_json(config, path / "config.json")
 
 
+def import_distilled(source: DistilledSet, dest: str | Path) -> DistilledSet:
+    """Copy ``source``'s set into ``dest`` (``nrrdd run --images-from``): its tensors, and
+    its config.json with ``images_from`` (the source folder and the images' sha256) added,
+    and ``patches.pt`` (the patches' provenance) when the source has one. Labels,
+    evaluations and pictures of the source are not copied: the copy is labelled anew."""
+    dest = Path(dest)
+    if (source.path / "patches.pt").is_file():
+        storage.write_bytes((source.path / "patches.pt").read_bytes(), dest / "patches.pt")
+    config = dict(source.config, images_from={"path": str(source.path.resolve()),
+                                              "images_sha256": source.fingerprint()})
+    save_distilled(dest, source.images, source.labels, config)
+    return load_distilled(dest)
+
+
 def export_ddranking(distilled: str | Path | DistilledSet, out: str | Path,
                      teacher: Optional[torch.nn.Module] = None, device: str = "cpu",
                      batch_size: int = 256) -> Path:

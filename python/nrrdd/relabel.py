@@ -62,6 +62,12 @@ def check_teacher_fits(meta: dict, ds: DistilledSet, what: str = "teacher") -> N
     if ds.config.get("dataset") and meta.get("dataset") and ds.config["dataset"] != meta["dataset"]:
         raise UsageError(f"{what} was trained on {meta['dataset']}, the distilled set comes from "
                          f"{ds.config['dataset']}")
+    for key in ("mean", "std"):  # the set's images are normalised as its config says
+        have, want = ds.config.get(key), meta.get(key)
+        if have is not None and want is not None and (
+                len(have) != len(want) or any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(have, want))):
+            raise UsageError(f"{what} normalises images with {key} {list(want)}, the distilled set's images "
+                             f"are normalised with {key} {list(have)}")
 
 
 def resolve_teacher_path(ds: DistilledSet, teacher: Optional[str | Path]) -> Path:

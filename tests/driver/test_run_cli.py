@@ -8,7 +8,7 @@ import torch
 
 from nrrdd.cli import main
 from nrrdd.data import DEBIAN_FASHION_MNIST, load_split, normalize
-from nrrdd_toy import fresh_seed, make_imagefolder
+from nrrdd_toy import fresh_seed, make_imagefolder, make_teacher
 
 SIZE = 16
 TINY = ["--image-size", str(SIZE), "--ipc", "2", "--iterations", "2", "--mipc", "6", "--factor", "1",
@@ -234,6 +234,95 @@ def test_alpha_lr_weights_the_label_refinement_term(data, tmp_path):
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(tmp_path / "bad"),
                  "--alpha-lr", "-1", *TINY]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def _copy_set(src, dest):
+    """A distilled folder's set files copied by hand (the reference for --images-from)."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for name in ("images.pt", "labels.pt", "patches.pt", "config.json"):
+        shutil.copyfile(src / name, dest / name)
+    return dest
+
+
+def _relabel(dist, teacher):
+    assert main(["relabel", "--distilled", str(dist), "--teacher", str(teacher), "--mode", "soft",
+                 "--epochs", "2", "--quiet", "--device", "cpu"]) == 0
+    return [(dist / "labels_soft" / f"epoch_{e:05d}.bin").read_bytes() for e in range(2)]
+
+
+def test_images_from_labels_another_runs_set_with_this_teacher(first_run, data, tmp_path):
+    """--images-from: another run's set (images, labels, patches) is copied unchanged and
+    labelled by this run's teacher: the stored labels are byte for byte what `nrrdd relabel
+    --teacher` writes for a copy of the set, and not what the set's own teacher gives."""
+    from nrrdd.distilled_set import load_distilled
+
+    src = _copy_set(first_run[1] / "distilled", tmp_path / "src")
+    other = tmp_path / "other.pt"
+    make_teacher(other, image_size=SIZE)
+    out = tmp_path / "swap"
+    args = ["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), "--images-from",
+            str(src), "--teacher", str(other), "--labels", "soft", "--epochs", "2", "--seeds", "1",
+            "--image-size", str(SIZE), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    d = out / "distilled"
+    for name in ("images.pt", "labels.pt"):
+        assert torch.equal(torch.load(d / name), torch.load(src / name)), name
+    assert (d / "patches.pt").read_bytes() == (src / "patches.pt").read_bytes()
+    cfg, src_cfg = (json.loads((f / "config.json").read_text()) for f in (d, src))
+    assert cfg.pop("images_from") == {"path": str(src.resolve()), "images_sha256": load_distilled(src).fingerprint()}
+    assert cfg == src_cfg
+    run = json.loads((out / "run.json").read_text())
+    assert run["images_from"] == str(src.resolve()) and run["method"] == "nrr"
+    assert run["teacher"]["path"] == str(other.resolve())
+    assert (run["settings"]["ipc"], run["settings"]["factor"], run["settings"]["iterations"]) == (2, 1, 0)
+    ev = json.loads((d / "eval_soft_convnet3.json").read_text())
+    assert run["top1"]["soft"] == ev["top1"] and abs(ev["top1"][0] * 15 / 100 - round(ev["top1"][0] * 15 / 100)) < 1e-9
+    stored = [(d / "labels_soft" / f"epoch_{e:05d}.bin").read_bytes() for e in range(2)]
+    assert stored == _relabel(_copy_set(src, tmp_path / "by-other"), other)
+    assert stored != _relabel(_copy_set(src, tmp_path / "by-own"), first_run[1] / "teacher.pt")
+    # --resume keeps the copy; a source that changed since is refused
+    assert main(args + ["--resume"]) == 0
+    torch.save(torch.load(src / "images.pt") + 1, src / "images.pt")
+    assert main(args + ["--resume"]) == 2
+
+
+def test_images_from_refuses_flags_that_would_remake_the_set(first_run, data, tmp_path, capsys):
+    src = first_run[1] / "distilled"
+
+    def run(*a):
+        return main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(tmp_path / "o"),
+                     "--teacher", str(first_run[1] / "teacher.pt"), "--image-size", str(SIZE), "--device", "cpu",
+                     "--quiet", *a])
+
+    assert run("--images-from", str(tmp_path / "nope")) == 2
+    assert run("--images-from", str(src), "--iterations", "3") == 2
+    assert run("--images-from", str(src), "--ipc", "3") == 2  # made with IPC 2
+    assert run("--images-from", str(src), "--method", "cidd") == 2  # made by nrr
+    assert run("--images-from", str(src), "--factor", "2") == 2  # made with factor 1
+    assert run("--images-from", str(src), "--eval-split", "holdout") == 2  # made without a holdout
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 6 and all(e.startswith("nrrdd run: error: ") for e in err)
+    assert "nope" in err[0] and "--iterations" in err[1] and "--ipc 2" in err[2] and "--method nrr" in err[3]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_teacher_with_other_normalisation_is_refused(first_run):
+    """Relabelling feeds the stored (normalised) images to the teacher as they are: a
+    teacher trained with another mean/std would read other pixels, so it is refused."""
+    from nrrdd.distilled_set import load_distilled
+    from nrrdd.errors import UsageError
+    from nrrdd.relabel import check_teacher_fits
+    from nrrdd.teacher import load_teacher
+
+    ds = load_distilled(first_run[1] / "distilled")
+    _, meta = load_teacher(first_run[1] / "teacher.pt", "cpu")
+    check_teacher_fits(meta, ds)
+    for key in ("mean", "std"):
+        shifted = dict(meta, **{key: [v * 1.01 for v in meta[key]]})
+        with pytest.raises(UsageError, match=key):
+            check_teacher_fits(shifted, ds)
 
 
 def test_stage_meter_adds_up_each_stage(monkeypatch):

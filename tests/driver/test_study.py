@@ -204,7 +204,7 @@ def test_cross_student_on_a_chosen_set(done, idx_dir):
     assert (c["method"], c["ipc"], c["teacher"], c["student"]) == ("cidd", 1, "convnet3", "mobilenetv2")
     assert c["values"] == ev["top1"] and c["n"] == 2
     md = (out / "study.md").read_text()
-    assert f"| 1 | cidd | convnet3 | mobilenetv2 | {c['mean']:.2f} ± {c['std']:.2f} |" in md
+    assert f"| 1 | cidd | convnet3 | convnet3 | mobilenetv2 | {c['mean']:.2f} ± {c['std']:.2f} |" in md
 
 
 def test_distillation_seeds_pool_into_one_row(done, idx_dir, capsys):
@@ -342,3 +342,36 @@ def test_jobs_run_side_by_side_to_the_same_numbers(done, idx_dir, capsys):
     assert [c["student"] for c in cross] == ["convnet3"] and len(cross[0]["values"]) == 2
     with pytest.raises(SystemExit):
         study.main(args[:-1] + ["0"])
+
+
+def test_swap_labels_make_the_two_by_two(done, idx_dir):
+    """--cross-teacher with --swap-labels: each teacher's cidd set labelled by the other
+    (`nrrdd run --images-from`), after the runs that make the sets; the cross table holds
+    the three cells beside the main row, each the students of its own run."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    other = make_teacher(out.parent / "other.pt", num_classes=10, image_size=12, dataset="fashion-mnist",
+                         arch="resnet18", seed=1)
+    fresh = out.parent / "swap"
+    args = ["--teacher", str(teacher), "--out", str(fresh), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--method", "cidd", "--labels", "soft", "--seeds", "1", "--epochs", "1", "--iterations", "1",
+            "--mipc", "2", "--factor", "1", "--cross-method", "cidd", "--cross-ipc", "1",
+            "--cross-teacher", str(other), "--swap-labels", "--device", "cpu", "--jobs", "2"]
+    assert study.main(args) == 0
+    cross = {(c["teacher"], c["labels_by"]): c for c in json.loads((fresh / "study.json").read_text())["cross"]}
+    assert set(cross) == {("resnet18", "resnet18"), ("convnet3", "resnet18"), ("resnet18", "convnet3")}
+    for chooser, labeller, images in (("convnet3", "resnet18", "ipc1-cidd"),
+                                      ("resnet18", "convnet3", "cross-teacher-ipc1-cidd")):
+        d = fresh / f"swap-cidd-ipc1-images-{'main' if chooser == 'convnet3' else 'cross'}"
+        run = json.loads((d / "run.json").read_text())
+        assert run["images_from"] == str((fresh / images / "distilled").resolve())
+        assert run["teacher"]["arch"] == labeller and cross[chooser, labeller]["values"] == run["top1"]["soft"]
+        assert (d / "distilled" / "images.pt").read_bytes() != b""
+        import torch
+
+        assert torch.equal(torch.load(d / "distilled" / "images.pt"), torch.load(fresh / images / "distilled" / "images.pt"))
+    md = (fresh / "study.md").read_text()
+    c = cross["convnet3", "resnet18"]
+    assert f"| 1 | cidd | convnet3 | resnet18 | convnet3 | {c['mean']:.2f} ± {c['std']:.2f} |" in md
+    with pytest.raises(SystemExit):
+        study.main([a for a in args if a != str(other) and a != "--cross-teacher"])

@@ -12,6 +12,11 @@ distilled set, ``labels_<mode>/``, ``eval_*.json``), ``OUT/report.md`` and
 - ``sre2l``: refinement with ``--mask none`` (all-pixel update);
 - ``random``: random real training images.
 
+``--images-from DIR`` skips the distillation: it copies another run's distilled set
+(``images.pt``, ``labels.pt``, ``patches.pt``, ``config.json``) into ``OUT/distilled``
+and labels it with this run's teacher. That makes the label-swap controls one command:
+one teacher's images, another teacher's labels.
+
 Every method's students see the same augmentation (the preset's
 RandomResizedCrop scale (1/factor, 1), flip, CutMix).
 
@@ -59,7 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: the dataset's)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<dataset>-<method>-<preset>)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
-    p.add_argument("--method", choices=METHODS, default="nrr")
+    p.add_argument("--method", choices=METHODS, default=None, help="how the images are made (default nrr)")
+    p.add_argument("--images-from", type=Path, default=None, metavar="DISTILLED",
+                   help="skip distillation: label this distilled folder's images (copied into OUT) with "
+                        "this run's teacher")
     p.add_argument("--labels", default="dbr",
                    help="label mode(s) to evaluate, comma-separated: dbr, soft, compact, onehot")
     p.add_argument("--online", action="store_true", help="teacher labels computed during training")
@@ -141,6 +149,35 @@ def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data
     save_distilled(out, images, train.labels[idx], config)
 
 
+def _images_source(args: argparse.Namespace, P: dict):
+    """``--images-from``: the distilled set to label, checked against the flags. The
+    settings that made its images come from it (method, IPC, factor); a flag that
+    would change them is refused, as is a holdout the set was not made without."""
+    from nrrdd.distilled_set import load_distilled
+
+    source = load_distilled(args.images_from)
+    cfg = source.config
+    if cfg.get("dataset") and cfg["dataset"] != args.dataset:
+        raise UsageError(f"--images-from {source.path} holds {cfg['dataset']} images, not {args.dataset}")
+    made = [f"--{k}" for k in ("iterations", "mipc") if getattr(args, k) is not None]
+    if made:
+        raise UsageError(f"{' and '.join(made)} set how images are distilled; --images-from takes "
+                         f"{source.path}'s as they are")
+    ipc = cfg.get("ipc") or len(source) // source.num_classes
+    for flag, given, have in (("--method", args.method, cfg.get("method")), ("--ipc", args.ipc, ipc),
+                              ("--factor", args.factor, cfg.get("factor"))):
+        if given is not None and have is not None and given != have:
+            raise UsageError(f"{flag} {given}, but the --images-from set was made with {flag} {have}")
+    held = args.holdout_per_class if args.eval_split == "holdout" else 0
+    if held and int(cfg.get("holdout_per_class") or 0) != held:
+        raise UsageError(f"--eval-split holdout scores on {held} held-out images per class, but "
+                         f"{source.path} was made with holdout_per_class {cfg.get('holdout_per_class', 0)}")
+    args.method = args.method or cfg.get("method") or "imported"
+    P.update(ipc=int(ipc), factor=int(args.factor or cfg.get("factor") or P["factor"]),
+             iterations=0, mipc=None)
+    return source
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -149,13 +186,15 @@ def run(args: argparse.Namespace) -> int:
     from nrrdd.devices import StageMeter, resolve_device
     from nrrdd.data import DATASETS, holdout_split, load_split
     from nrrdd.distill import DistillSettings, check_crop_scale, distill
-    from nrrdd.distilled_set import export_ddranking, load_distilled
+    from nrrdd.distilled_set import export_ddranking, import_distilled, load_distilled
     from nrrdd.models import known_arch
     from nrrdd.relabel import default_augment, relabel
     from nrrdd.report import report
     from nrrdd.teacher import load_teacher, save_teacher, train_teacher
 
     P = dict(PRESETS[args.preset])
+    source = _images_source(args, P) if args.images_from is not None else None
+    args.method = args.method or "nrr"
     for key in ("teacher_arch", "teacher_epochs", "teacher_train_images", "teacher_test_images", "ipc",
                 "iterations", "mipc", "factor", "epochs", "seeds"):
         if getattr(args, key) is not None:
@@ -217,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     smallest = int(counts.min())
     if P["ipc"] > smallest:
         raise UsageError(f"--ipc {P['ipc']} is larger than the {smallest} images of the smallest class")
-    if args.method != "random":
+    if args.method != "random" and source is None:
         from nrrdd.cidd import pool_size
 
         need, have = P["ipc"] * P["factor"] ** 2, pool_size(smallest, P["mipc"], 1, P["num_crop"])
@@ -259,7 +298,16 @@ def run(args: argparse.Namespace) -> int:
     # 2. distilled images
     meter.start()
     dist = out / "distilled"
-    if args.method == "random":
+    if source is not None:
+        if source.path.resolve() == dist.resolve():
+            raise UsageError(f"--images-from {source.path} is this run's own distilled folder")
+        if args.resume and (dist / "images.pt").is_file():
+            if load_distilled(dist).fingerprint() != source.fingerprint():
+                raise UsageError(f"{dist} holds other images than --images-from {source.path}: "
+                                 "rerun without --resume (with --force) to copy them again")
+        else:
+            import_distilled(source, dist)
+    elif args.method == "random":
         if not (args.resume and (dist / "images.pt").is_file()):
             train.mean, train.std = tuple(meta.get("mean") or train.mean), tuple(meta.get("std") or train.std)
             _random_real(train, P["ipc"], args.seed, dist, meta, args.data_dir, P["factor"], held)
@@ -319,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         "fast": ds.config.get("run", {}).get("fast"), "eval_split": args.eval_split,
         "holdout_per_class": held, "cam_eps": args.cam_eps, "r": args.r, "label_refine": args.label_refine,
         "alpha_lr": args.alpha_lr, "crop_scale": list(args.crop_scale),
+        "images_from": None if source is None else str(source.path.resolve()),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }, out / "run.json")
     say(table.rstrip())
