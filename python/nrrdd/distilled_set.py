@@ -113,7 +113,7 @@ def save_distilled(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
     storage.write_json(config, path / "config.json")
 
 
-def import_distilled(source: DistilledSet, dest: str | Path) -> DistilledSet:
+def import_distilled(source: DistilledSet, dest: str | Path) -> None:
     """Copy ``source``'s set into ``dest`` (``nrrdd run --images-from``): its tensors, and
     its config.json with ``images_from`` (the source folder and the images' sha256) added,
     and ``patches.pt`` (the patches' provenance) when the source has one. Labels,
@@ -124,7 +124,6 @@ def import_distilled(source: DistilledSet, dest: str | Path) -> DistilledSet:
     config = dict(source.config, images_from={"path": str(source.path.resolve()),
                                               "images_sha256": source.fingerprint()})
     save_distilled(dest, source.images, source.labels, config)
-    return load_distilled(dest)
 
 
 def export_ddranking(distilled: str | Path | DistilledSet, out: str | Path,

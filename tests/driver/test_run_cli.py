@@ -302,8 +302,12 @@ def test_images_from_refuses_flags_that_would_remake_the_set(first_run, data, tm
     assert run("--images-from", str(src), "--method", "cidd") == 2  # made by nrr
     assert run("--images-from", str(src), "--factor", "2") == 2  # made with factor 1
     assert run("--images-from", str(src), "--eval-split", "holdout") == 2  # made without a holdout
+    # a source inside --out: --force would delete it before the copy
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(first_run[1]),
+                 "--images-from", str(src), "--force", "--image-size", str(SIZE), "--device", "cpu", "--quiet"]) == 2
+    assert (src / "images.pt").is_file() and (first_run[1] / "teacher.pt").is_file()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 6 and all(e.startswith("nrrdd run: error: ") for e in err)
+    assert len(err) == 7 and all(e.startswith("nrrdd run: error: ") for e in err)
     assert "nope" in err[0] and "--iterations" in err[1] and "--ipc 2" in err[2] and "--method nrr" in err[3]
     assert not (tmp_path / "o").exists()
 

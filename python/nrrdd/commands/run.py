@@ -233,6 +233,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.force):
         raise UsageError(f"{out} is not empty: --resume to continue the run there, --force to redo it")
+    if source is not None:  # checked here: --force below would delete a source inside OUT
+        dist = out / "distilled"
+        if out.resolve() in source.path.resolve().parents:
+            raise UsageError(f"--images-from {source.path} is inside this run's --out {out}")
+        if (args.resume and (dist / "images.pt").is_file()
+                and load_distilled(dist).fingerprint() != source.fingerprint()):
+            raise UsageError(f"{dist} holds other images than --images-from {source.path}: "
+                             "rerun with --force to copy them again")
     if args.force and out.is_dir():
         import shutil
 
@@ -299,13 +307,7 @@ def run(args: argparse.Namespace) -> int:
     meter.start()
     dist = out / "distilled"
     if source is not None:
-        if source.path.resolve() == dist.resolve():
-            raise UsageError(f"--images-from {source.path} is this run's own distilled folder")
-        if args.resume and (dist / "images.pt").is_file():
-            if load_distilled(dist).fingerprint() != source.fingerprint():
-                raise UsageError(f"{dist} holds other images than --images-from {source.path}: "
-                                 "rerun without --resume (with --force) to copy them again")
-        else:
+        if not (args.resume and (dist / "images.pt").is_file()):
             import_distilled(source, dist)
     elif args.method == "random":
         if not (args.resume and (dist / "images.pt").is_file()):
