@@ -41,7 +41,10 @@ Optional parts:
   (``OUT/swap-<method>-images-main/``) and the cross teacher's set labelled by the
   ``--teacher`` (``OUT/swap-<method>-images-cross/``), ConvNet-3 students, soft labels;
   with the two sets' own rows this is the 2×2 of who chose the images against who
-  labels them.
+  labels them;
+- ``--record docs/results/fashion_mnist_students.csv``: merge every distillation's
+  students (per label mode) into the committed record (``results_record.py``), which
+  outlives the run folders.
 
     python benchmarks/fashion_mnist_study.py --teacher teacher.pt --out study \\
         --ipc 1 --ipc 10 --ipc 50 --seeds 3 --device cuda --jobs 4
@@ -61,6 +64,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # a checkout's nrrdd first
 from nrrdd.commands.run import LABEL_MODES  # noqa: E402
 from nrrdd.data import HOLDOUT_PER_CLASS  # noqa: E402
+
+import results_record  # noqa: E402  (benchmarks/, beside this script)
 
 METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
 # beyond the default five: nrr refined without the label-refinement term L_lr, so that
@@ -255,16 +260,22 @@ def _cell(values):
             "n": len(values), "values": values}
 
 
-def _top1(run: Path, run_json: dict, mode: str) -> list:
-    """The students' top-1 of one label mode on the run's split: from the evaluation file
-    (which holds more seeds when ``nrrdd evaluate --seeds N`` was run on the set later, or
-    the only ones when the mode was evaluated after ``nrrdd run``), else run.json; [] when
-    neither has the mode."""
+def _top1_source(run: Path, run_json: dict, mode: str) -> Path:
+    """Where the students' top-1 of one label mode on the run's split is read from: the
+    evaluation file (which holds more seeds when ``nrrdd evaluate --seeds N`` was run on
+    the set later, or the only ones when the mode was evaluated after ``nrrdd run``) when
+    there is one, else run.json."""
     from nrrdd.student import eval_name
 
     name = eval_name(mode, run_json.get("student", "convnet3"), False, run_json.get("eval_split", "test"))
     f = run / "distilled" / f"{name}.json"
-    if f.is_file():
+    return f if f.is_file() else run / "run.json"
+
+
+def _top1(run: Path, run_json: dict, mode: str) -> list:
+    """The students' top-1 of one label mode (see ``_top1_source``); [] when the run has none."""
+    f = _top1_source(run, run_json, mode)
+    if f.name != "run.json":
         return json.loads(f.read_text())["top1"]
     return run_json["top1"].get(mode) or []
 
@@ -303,7 +314,8 @@ def collect(args, previous: dict | None = None) -> dict:
     rows = {}
     ours = {(ipc, m) for ipc in args.ipc for m in args.methods}
     for ipc, method in _cells(args, previous):
-        runs = [(d, json.loads((d / "run.json").read_text())) for _, d in distillations(args.out, ipc, method)]
+        found = distillations(args.out, ipc, method)
+        runs = [(d, json.loads((d / "run.json").read_text())) for _, d in found]
         if not runs:
             continue
         r = runs[0][1]
@@ -317,6 +329,11 @@ def collect(args, previous: dict | None = None) -> dict:
             means = [statistics.fmean(v) for v in per_run]
             cells[mode]["distillations"] = len(per_run)
             cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
+            # per distillation seed: its students and the day they were measured (for --record)
+            cells[mode]["by_distillation"] = [
+                {"seed": seed, "values": t[mode],
+                 "measured": time.strftime("%Y-%m-%d", time.gmtime(_top1_source(d, rj, mode).stat().st_mtime))}
+                for (seed, d), (_, rj), t in zip(found, runs, top1) if mode in t]
         # the recover rate from the distillations that have all three modes, so that a
         # later soft-only distillation does not mix into its soft term alone
         full = [t for t in top1 if all(m in t for m in ("soft", "onehot", "dbr"))]
@@ -399,6 +416,13 @@ def collect(args, previous: dict | None = None) -> dict:
         cross += [c for c in previous.get("cross", []) if key(c) not in done]
     return {"rows": rows, "orderings": orderings, "labels": labels, "sweeps": sweeps,
             "cross": cross, "protocol": _protocol(args)}
+
+
+def record_rows(study: dict) -> list:
+    """The record's rows (results_record.FIELDS) of every distillation of every row, per
+    label mode."""
+    return [results_record.from_values(r["ipc"], r["method"], mode, d["seed"], d["values"], d["measured"])
+            for r in study["rows"].values() for mode, c in r["top1"].items() for d in c.get("by_distillation", [])]
 
 
 def _fmt_cell(c: dict, seeds: int) -> str:
@@ -576,6 +600,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once (a GPU runs several small cells side by side; on a CPU give each "
                         "OMP_NUM_THREADS=cores/jobs)")
+    p.add_argument("--record", type=Path, default=None,
+                   help="merge the students of every distillation into this CSV "
+                        "(docs/results/fashion_mnist_students.csv; see results_record.py)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--table-only", action="store_true", help="only rebuild study.md/json and the figures")
     args = p.parse_args(argv)
@@ -607,6 +634,11 @@ def main(argv=None) -> int:
         args.sweeps.append((name, vals))
     if args.swap_labels and args.cross_teacher is None:
         p.error("--swap-labels needs --cross-teacher (the other teacher)")
+    if args.record is not None and args.record.exists():
+        try:
+            results_record.read(args.record)  # a record that does not parse is refused before any work
+        except (ValueError, OSError) as e:
+            p.error(f"--record: {e}")
     if not args.table_only:
         if args.teacher is None or not args.teacher.is_file():
             p.error("--teacher must name an existing checkpoint (train one with `nrrdd train-teacher`)")
@@ -622,6 +654,9 @@ def main(argv=None) -> int:
     sweep_figures(args)
     charts(args, study)
     print(table(study))
+    if args.record is not None:
+        added, replaced = results_record.merge(args.record, record_rows(study))
+        print(f"{args.record}: {added} rows added, {replaced} replaced")
     return 0
 
 

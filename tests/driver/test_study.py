@@ -374,3 +374,45 @@ def test_swap_labels_make_the_two_by_two(done, idx_dir):
     assert f"| 1 | cidd | convnet3 | resnet18 | convnet3 | {c['mean']:.2f} ± {c['std']:.2f} |" in md
     with pytest.raises(SystemExit):
         study.main([a for a in args if a != str(other) and a != "--cross-teacher"])
+
+
+def test_record_holds_every_distillation_and_keeps_other_rows(done, tmp_path, capsys):
+    """--record: one CSV row per (IPC, method, label mode, distillation) with the students'
+    values as the run folders hold them; a row another study wrote stays; a rerun
+    replaces its rows rather than adding them again; a record that does not parse is
+    refused before any work."""
+    import time
+
+    import results_record
+
+    rc, out = done
+    rec = tmp_path / "record.csv"
+    other = results_record.from_values(50, "nrr", "soft", 2, [80.5, 81.3], "2026-11-01")
+    results_record.merge(rec, [other])
+    args = ["--out", str(out), "--ipc", "1", "--method", "random", "--method", "cidd",
+            "--labels", "soft,onehot,dbr", "--seeds", "2", "--table-only", "--record", str(rec)]
+    assert study.main(args) == 0
+    want = {}
+    for method in ("random", "cidd"):
+        for seed, d in study.distillations(out, 1, method):
+            rj = json.loads((d / "run.json").read_text())
+            for mode in ("soft", "onehot", "dbr"):
+                src = study._top1_source(d, rj, mode)
+                want[(1, method, mode, seed)] = (study._top1(d, rj, mode),
+                                                 time.strftime("%Y-%m-%d", time.gmtime(src.stat().st_mtime)))
+    rows = {(r["ipc"], r["method"], r["labels"], r["distillation"]): r for r in results_record.read(rec)}
+    assert set(rows) == set(want) | {(50, "nrr", "soft", 2)}
+    for key, (values, day) in want.items():
+        assert rows[key]["top1"] == pytest.approx(values, abs=1e-3) and rows[key]["measured"] == day
+        assert rows[key]["students"] == len(values)
+    assert rows[(50, "nrr", "soft", 2)]["top1"] == [80.5, 81.3]
+    capsys.readouterr()
+    assert study.main(args) == 0
+    assert f"{rec}: 0 rows added, {len(want)} replaced" in capsys.readouterr().out
+    assert len(results_record.read(rec)) == len(want) + 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ipc,method\n1,nrr\n")
+    before = (out / "study.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        study.main(args[:-1] + [str(bad)])
+    assert (out / "study.json").stat().st_mtime_ns == before and bad.read_text() == "ipc,method\n1,nrr\n"
