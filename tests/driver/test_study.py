@@ -396,10 +396,11 @@ def test_record_holds_every_distillation_and_keeps_other_rows(done, tmp_path, ca
     for method in ("random", "cidd"):
         for seed, d in study.distillations(out, 1, method):
             rj = json.loads((d / "run.json").read_text())
-            for mode in ("soft", "onehot", "dbr"):
+            for mode in study.LABELS:
                 src = study._top1_source(d, rj, mode)
-                want[(1, method, mode, seed)] = (study._top1(d, rj, mode),
-                                                 time.strftime("%Y-%m-%d", time.gmtime(src.stat().st_mtime)))
+                if values := study._top1(d, rj, mode):  # (another test's distillation may lack a mode)
+                    want[(1, method, mode, seed)] = (values, time.strftime("%Y-%m-%d",
+                                                                           time.gmtime(src.stat().st_mtime)))
     rows = {(r["ipc"], r["method"], r["labels"], r["distillation"]): r for r in results_record.read(rec)}
     assert set(rows) == set(want) | {(50, "nrr", "soft", 2)}
     for key, (values, day) in want.items():
