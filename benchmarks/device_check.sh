@@ -178,9 +178,12 @@ if [[ " $STAGE " == *" study "* ]]; then
   # shellcheck disable=SC2086
   rehearsal=()
   [[ $DEV == cpu ]] && rehearsal=(--epochs 1 --iterations 2 --mipc 4 --seeds 1 --ipc 1 --holdout-per-class 10)
-  $PY benchmarks/fashion_mnist_study.py --teacher "$W/teacher_convnet3.pt" --data-dir "$data" \
-    --out "$W/study" --device "$DEV" "${rehearsal[@]}" ${NRRDD_STUDY_ARGS:-} >"$extras/study.log" 2>&1
   mkdir -p "$extras/study"
+  # the record comes back in $OUT: the GPU teacher's study gets a record of its own
+  # (docs/results/, beside the CPU study's; results_record.py refuses to mix teachers)
+  $PY benchmarks/fashion_mnist_study.py --teacher "$W/teacher_convnet3.pt" --data-dir "$data" \
+    --out "$W/study" --device "$DEV" --record "$extras/study/students.csv" "${rehearsal[@]}" \
+    ${NRRDD_STUDY_ARGS:-} >"$extras/study.log" 2>&1
   cp "$W"/study/study.* "$W"/study/methods_* "$extras/study/" 2>/dev/null
   for f in "$W"/study/ipc*/run.json; do d=$(basename "$(dirname "$f")"); cp "$f" "$extras/study/$d.run.json"; done
   note "study: $(( $(date +%s) - t0 )) s; $(grep -c '^| [0-9]' "$W/study/study.md" 2>/dev/null) table rows"

@@ -65,7 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # a che
 from nrrdd.commands.run import LABEL_MODES  # noqa: E402
 from nrrdd.data import HOLDOUT_PER_CLASS  # noqa: E402
 
-import results_record  # noqa: E402  (benchmarks/, beside this script)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_record.py beside it, also under `python -P`
+import results_record  # noqa: E402
 
 METHODS = ("random", "rded", "cidd", "sre2l", "nrr")
 # beyond the default five: nrr refined without the label-refinement term L_lr, so that
@@ -329,10 +330,11 @@ def collect(args, previous: dict | None = None) -> dict:
             means = [statistics.fmean(v) for v in per_run]
             cells[mode]["distillations"] = len(per_run)
             cells[mode]["distill_std"] = statistics.pstdev(means) if len(means) > 1 else None
-            # per distillation seed: its students and the day they were measured (for --record)
+            # per distillation seed: its students, the day they were measured and the teacher (for --record)
             cells[mode]["by_distillation"] = [
                 {"seed": seed, "values": t[mode],
-                 "measured": time.strftime("%Y-%m-%d", time.gmtime(_top1_source(d, rj, mode).stat().st_mtime))}
+                 "measured": time.strftime("%Y-%m-%d", time.gmtime(_top1_source(d, rj, mode).stat().st_mtime)),
+                 "teacher": results_record.teacher_name(rj["teacher"]["arch"], rj["teacher"].get("test_accuracy"))}
                 for (seed, d), (_, rj), t in zip(found, runs, top1) if mode in t]
         # the recover rate from the distillations that have all three modes, so that a
         # later soft-only distillation does not mix into its soft term alone
@@ -421,7 +423,8 @@ def collect(args, previous: dict | None = None) -> dict:
 def record_rows(study: dict) -> list:
     """The record's rows (results_record.FIELDS) of every distillation of every row, per
     label mode."""
-    return [results_record.from_values(r["ipc"], r["method"], mode, d["seed"], d["values"], d["measured"])
+    return [results_record.from_values(r["ipc"], r["method"], mode, d["seed"], d["values"], d["measured"],
+                                       d["teacher"])
             for r in study["rows"].values() for mode, c in r["top1"].items() for d in c.get("by_distillation", [])]
 
 
@@ -655,7 +658,11 @@ def main(argv=None) -> int:
     charts(args, study)
     print(table(study))
     if args.record is not None:
-        added, replaced = results_record.merge(args.record, record_rows(study))
+        try:
+            added, replaced = results_record.merge(args.record, record_rows(study))
+        except ValueError as e:  # another teacher's record: the runs stay; `--table-only --record OTHER` writes them
+            print(f"error: --record: {e}", file=sys.stderr)
+            return 2
         print(f"{args.record}: {added} rows added, {replaced} replaced")
     return 0
 

@@ -12,11 +12,15 @@ Columns:
 - ``top1``: the students' values, space-separated, when they are known (rows written by
   ``fashion_mnist_study.py --record``); empty for rows transcribed from an earlier
   session's table, whose run folders are gone;
-- ``measured``: the date (ISO) the students were trained.
+- ``measured``: the date (ISO) the students were trained;
+- ``teacher``: the teacher that distilled and labelled the set, as ``arch accuracy``
+  (``convnet3 0.9224``).
 
-ConvNet-3 teacher and students, the paper's protocol (docs/RESULTS.md). Writing merges:
-a row replaces the row of the same (ipc, method, labels, distillation) and every other
-row stays.
+One record holds one study: one teacher, one protocol (ConvNet-3 students and the
+paper's protocol for docs/RESULTS.md). Writing merges: a row replaces the row of the
+same (ipc, method, labels, distillation) and every other row stays; rows of another
+teacher are refused (write them to a record of their own), so a study with another
+teacher never replaces this one's numbers.
 
     python benchmarks/results_record.py docs/results/fashion_mnist_students.csv \\
         --figure docs/figures/fashion_mnist_accuracy_ipc.png
@@ -31,7 +35,7 @@ import statistics
 import sys
 from pathlib import Path
 
-FIELDS = ("ipc", "method", "labels", "distillation", "students", "mean", "std", "top1", "measured")
+FIELDS = ("ipc", "method", "labels", "distillation", "students", "mean", "std", "top1", "measured", "teacher")
 KEY = ("ipc", "method", "labels", "distillation")
 # the order of the paper's ablation, then the study's extra methods; others after them by name
 METHOD_ORDER = ("random", "rded", "cidd", "sre2l", "nrr", "nrr-nolr", "sre2l-nolr")
@@ -45,7 +49,8 @@ def _parse(raw: dict, where: str) -> dict:
         row = {"ipc": int(raw["ipc"]), "method": raw["method"], "labels": raw["labels"],
                "distillation": int(raw["distillation"]), "students": int(raw["students"]),
                "mean": float(raw["mean"]), "std": float(raw["std"]),
-               "top1": [float(v) for v in raw["top1"].split()], "measured": raw["measured"]}
+               "top1": [float(v) for v in raw["top1"].split()], "measured": raw["measured"],
+               "teacher": raw["teacher"]}
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     check(row, where)
@@ -73,13 +78,19 @@ def read(path: Path) -> list:
         return [_parse(raw, f"{path}:{k + 2}") for k, raw in enumerate(csv.DictReader(f))]
 
 
-def from_values(ipc: int, method: str, labels: str, distillation: int, values, measured: str) -> dict:
+def teacher_name(arch: str, test_accuracy) -> str:
+    """How the record names a teacher: its arch and test accuracy (run.json's ``teacher``)."""
+    return f"{arch} {float(test_accuracy):.4f}" if test_accuracy is not None else f"{arch} unknown"
+
+
+def from_values(ipc: int, method: str, labels: str, distillation: int, values, measured: str,
+                teacher: str) -> dict:
     values = [float(v) for v in values]
     if not values:
         raise ValueError(f"ipc {ipc} {method} {labels} distillation {distillation}: no students")
     return {"ipc": ipc, "method": method, "labels": labels, "distillation": distillation,
             "students": len(values), "mean": statistics.fmean(values), "std": statistics.pstdev(values),
-            "top1": values, "measured": measured}
+            "top1": values, "measured": measured, "teacher": teacher}
 
 
 def _method_key(method: str):
@@ -92,11 +103,16 @@ def _sort_key(row: dict):
 
 def merge(path: Path, rows) -> tuple:
     """Write ``rows`` into the CSV at ``path``: each replaces the row with its key, the
-    others stay. Returns (added, replaced). Written to a temporary file, then renamed."""
+    others stay. Returns (added, replaced). Written to a temporary file, then renamed.
+    Rows of a teacher other than the record's are refused before anything is written."""
     rows = list(rows)
     for r in rows:
         check(r, f"{r['ipc']}/{r['method']}/{r['labels']}/{r['distillation']}")
     old = read(path) if path.is_file() else []
+    teachers = {r["teacher"] for r in old} | {r["teacher"] for r in rows}
+    if len(teachers) > 1:
+        raise ValueError(f"{path}: one record holds one teacher's students, these rows would mix "
+                         f"{', '.join(sorted(teachers))}; write the other teacher's rows to a record of their own")
     by_key = {tuple(r[k] for k in KEY): r for r in old}
     new = {tuple(r[k] for k in KEY): r for r in rows}
     replaced = sum(k in by_key for k in new)

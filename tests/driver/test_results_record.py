@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import results_record as rr  # noqa: E402
 
 RECORD = ROOT / "docs" / "results" / "fashion_mnist_students.csv"
+T = "convnet3 0.9224"
 
 
 def _students(g, n):
@@ -25,9 +26,9 @@ def test_pooled_equals_the_statistics_of_every_student():
     population std of all their students together."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     draws = [_students(g, n) for n in (3, 5, 1, 4)]
-    rows = [rr.from_values(10, "nrr", "soft", d, v, "2026-11-30") for d, v in enumerate(draws)]
-    rows.append(rr.from_values(10, "nrr", "dbr", 0, _students(g, 3), "2026-11-30"))  # another mode: not pooled
-    rows.append(rr.from_values(1, "nrr", "soft", 0, _students(g, 2), "2026-11-30"))  # another IPC
+    rows = [rr.from_values(10, "nrr", "soft", d, v, "2026-11-30", T) for d, v in enumerate(draws)]
+    rows.append(rr.from_values(10, "nrr", "dbr", 0, _students(g, 3), "2026-11-30", T))  # another mode: not pooled
+    rows.append(rr.from_values(1, "nrr", "soft", 0, _students(g, 2), "2026-11-30", T))  # another IPC
     every = [v for d in draws for v in d]
     c = rr.pooled(rows)[(10, "nrr")]
     assert c["students"] == 13 and c["distillations"] == 4
@@ -39,10 +40,10 @@ def test_pooled_equals_the_statistics_of_every_student():
 def test_merge_replaces_its_key_and_keeps_the_rest(tmp_path):
     g = torch.Generator().manual_seed(7)
     f = tmp_path / "rec.csv"
-    a = rr.from_values(10, "cidd", "soft", 0, _students(g, 3), "2026-11-29")
-    b = rr.from_values(10, "cidd", "soft", 1, _students(g, 3), "2026-11-29")
+    a = rr.from_values(10, "cidd", "soft", 0, _students(g, 3), "2026-11-29", T)
+    b = rr.from_values(10, "cidd", "soft", 1, _students(g, 3), "2026-11-29", T)
     assert rr.merge(f, [a, b]) == (2, 0)
-    a2 = rr.from_values(10, "cidd", "soft", 0, _students(g, 4), "2026-11-30")
+    a2 = rr.from_values(10, "cidd", "soft", 0, _students(g, 4), "2026-11-30", T)
     assert rr.merge(f, [a2]) == (0, 1)
     rows = {r["distillation"]: r for r in rr.read(f)}
     assert len(rows) == 2 and rows[0]["top1"] == a2["top1"] and rows[0]["measured"] == "2026-11-30"
@@ -50,11 +51,24 @@ def test_merge_replaces_its_key_and_keeps_the_rest(tmp_path):
     assert not f.with_name(f.name + ".tmp").exists()
 
 
+def test_another_teachers_rows_are_refused(tmp_path):
+    """One record, one teacher: a study with another teacher (the GPU's 93.02% ConvNet-3)
+    cannot replace this one's rows; nothing is written."""
+    f = tmp_path / "rec.csv"
+    rr.merge(f, [rr.from_values(10, "nrr", "soft", 0, [72.0, 73.0], "2026-11-30", T)])
+    before = f.read_text()
+    other = rr.from_values(10, "nrr", "soft", 0, [75.0, 76.0], "2026-12-01", rr.teacher_name("convnet3", 0.9302))
+    with pytest.raises(ValueError, match="convnet3 0.9224, convnet3 0.9302"):
+        rr.merge(f, [other])
+    assert f.read_text() == before
+    assert rr.teacher_name("resnet18", None) == "resnet18 unknown"
+
+
 def test_inconsistent_rows_are_refused_with_their_line(tmp_path):
     f = tmp_path / "rec.csv"
-    rr.merge(f, [rr.from_values(1, "rded", "soft", 0, [50.0, 52.0], "2026-11-30")])
+    rr.merge(f, [rr.from_values(1, "rded", "soft", 0, [50.0, 52.0], "2026-11-30", T)])
     text = f.read_text()
-    assert "1,rded,soft,0,2,51.00,1.00,50 52,2026-11-30" in text
+    assert "1,rded,soft,0,2,51.00,1.00,50 52,2026-11-30,convnet3 0.9224" in text
     f.write_text(text.replace("51.00", "55.00"))  # the mean no longer that of the values
     with pytest.raises(ValueError, match=r"rec\.csv:2: top1 .* has mean 51\.000"):
         rr.read(f)
@@ -68,7 +82,7 @@ def test_inconsistent_rows_are_refused_with_their_line(tmp_path):
     with pytest.raises(ValueError, match="no column ipc"):
         rr.read(f)
     with pytest.raises(ValueError, match="no students"):
-        rr.from_values(1, "rded", "soft", 0, [], "2026-11-30")
+        rr.from_values(1, "rded", "soft", 0, [], "2026-11-30", T)
 
 
 def test_the_committed_record(tmp_path):

@@ -387,7 +387,9 @@ def test_record_holds_every_distillation_and_keeps_other_rows(done, tmp_path, ca
 
     rc, out = done
     rec = tmp_path / "record.csv"
-    other = results_record.from_values(50, "nrr", "soft", 2, [80.5, 81.3], "2026-11-01")
+    teacher = json.loads((out / "ipc1-random" / "run.json").read_text())["teacher"]
+    name = results_record.teacher_name(teacher["arch"], teacher["test_accuracy"])
+    other = results_record.from_values(50, "nrr", "soft", 2, [80.5, 81.3], "2026-11-01", name)
     results_record.merge(rec, [other])
     args = ["--out", str(out), "--ipc", "1", "--method", "random", "--method", "cidd",
             "--labels", "soft,onehot,dbr", "--seeds", "2", "--table-only", "--record", str(rec)]
@@ -407,6 +409,7 @@ def test_record_holds_every_distillation_and_keeps_other_rows(done, tmp_path, ca
         assert rows[key]["top1"] == pytest.approx(values, abs=1e-3) and rows[key]["measured"] == day
         assert rows[key]["students"] == len(values)
     assert rows[(50, "nrr", "soft", 2)]["top1"] == [80.5, 81.3]
+    assert {r["teacher"] for r in rows.values()} == {name}
     capsys.readouterr()
     assert study.main(args) == 0
     assert f"{rec}: 0 rows added, {len(want)} replaced" in capsys.readouterr().out
@@ -417,3 +420,9 @@ def test_record_holds_every_distillation_and_keeps_other_rows(done, tmp_path, ca
     with pytest.raises(SystemExit):
         study.main(args[:-1] + [str(bad)])
     assert (out / "study.json").stat().st_mtime_ns == before and bad.read_text() == "ipc,method\n1,nrr\n"
+    alien = tmp_path / "alien.csv"  # a record of another teacher: refused, left as it was
+    results_record.merge(alien, [results_record.from_values(10, "nrr", "soft", 0, [70.0], "2026-11-01",
+                                                            "resnet18 0.9999")])
+    text = alien.read_text()
+    assert study.main(args[:-1] + [str(alien)]) == 2
+    assert alien.read_text() == text and "one teacher's students" in capsys.readouterr().err
