@@ -12,7 +12,7 @@ Columns:
 - ``top1``: the students' values, space-separated, when they are known (rows written by
   ``fashion_mnist_study.py --record``); empty for rows transcribed from an earlier
   session's table, whose run folders are gone;
-- ``measured``: the date (ISO) the students were trained;
+- ``measured``: the day (ISO, UTC) the last of the students finished (its evaluation file);
 - ``teacher``: the teacher that distilled and labelled the set, as ``arch accuracy``
   (``convnet3 0.9224``).
 
