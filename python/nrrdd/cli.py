@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": ("nrrdd.commands.evaluate", "train fresh students on a distilled set, report test top-1"),
     "run": ("nrrdd.commands.run", "the whole pipeline: teacher, distill, relabel, evaluate"),
     "report": ("nrrdd.commands.report", "collect eval_*.json files into a markdown table"),
+    "status": ("nrrdd.commands.status", "where each run under a folder stands: stage, step, time left"),
 }
 
 

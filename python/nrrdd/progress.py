@@ -1,0 +1,257 @@
+"""Where a run stands, read from the files it writes (``nrrdd status``).
+
+Every long stage saves resumable state (``nrrdd.distill``, ``nrrdd.relabel``,
+``nrrdd.student``); this module reads that state back without running anything:
+
+- distill: the CIDD classes done (``partial/cidd/<class>.pt``), the refinement
+  batches done (``partial/refine/<b>.pt``) and, for a batch under refinement, the
+  step, iteration count and seconds of its last saved state (``<b>.state.pt``),
+  hence seconds per iteration and the refinement time left at that pace;
+- labels: each ``labels_<mode>/manifest.json``'s epochs done of its epochs;
+- students: each finished ``eval_*.json`` (top-1 mean ± std over its students) and,
+  for an evaluation under way (``.eval_*/``), the students finished and the epoch,
+  epochs and seconds of the one in training (its checkpoint);
+- ``last_write``: the newest file under the folder, so a run that stopped (killed,
+  or its machine gone) shows as one that has not written for a long time: the
+  files cannot tell a running process from a dead one.
+
+``find_distilled`` accepts a distilled folder, a ``nrrdd run`` output (its
+``distilled/``) or any folder above them (a study), and lists every distilled
+folder under it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from nrrdd.errors import UsageError
+
+DISTILL_FORMAT = "nrrdd-distill-"
+
+
+def _config(folder: Path) -> Optional[dict]:
+    f = folder / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith(DISTILL_FORMAT) else None
+
+
+def find_distilled(paths: Iterable[str | Path]) -> List[Path]:
+    """Every distilled folder at or under ``paths`` (hidden folders skipped), sorted.
+
+    Raises :class:`UsageError` for a path that does not exist or holds none."""
+    found: List[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise UsageError(f"{p} is not a folder")
+        here = [q.parent for q in sorted(p.rglob("config.json"))
+                if not any(s.startswith(".") for s in q.relative_to(p).parts) and _config(q.parent)]
+        if _config(p):
+            here = [p]
+        if not here:
+            raise UsageError(f"{p} holds no distilled set (no config.json of `nrrdd distill` at or under it)")
+        found += here
+    return sorted(set(found))
+
+
+def _load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _rate(seconds: float, done: int) -> Optional[float]:
+    return seconds / done if done > 0 and seconds > 0 else None
+
+
+def distill_progress(folder: Path) -> dict:
+    """The distill stage of ``folder`` (a distilled folder): done, or how far along."""
+    cfg = _config(folder) or {}
+    timings = cfg.get("timings") or {}
+    if cfg.get("status") == "done":
+        return {"state": "done", "seconds": timings.get("total"), "images": None,
+                "method": cfg.get("method")}
+    settings = cfg.get("settings") or {}
+    nc, ipc = int(cfg.get("num_classes") or 0), int(cfg.get("ipc") or 0)
+    batch = int(settings.get("batch_size") or 0)
+    iterations = int(settings.get("iterations") or (cfg.get("refine") or {}).get("iterations") or 0)
+    partial = folder / "partial"
+    digits = re.compile(r"^\d+\.pt$")
+    cidd_done = sum(1 for q in (partial / "cidd").glob("*.pt") if digits.match(q.name))
+    refine_dir = partial / "refine"
+    finished = sorted(q for q in refine_dir.glob("*.pt") if digits.match(q.name))
+    batches = math.ceil(nc * ipc / batch) if batch else None
+    secs, its = 0.0, 0
+    for q in finished:
+        unit = _load(q)
+        secs += float(unit.get("seconds", 0.0))
+        its += iterations
+    in_flight = []
+    for q in sorted(refine_dir.glob("*.state.pt")):
+        state = _load(q)
+        b = int(q.name.split(".")[0])
+        in_flight.append({"batch": b, "step": int(state["step"]), "iterations": int(state["iterations"]),
+                          "seconds": float(state["seconds"]), "saved_unix": q.stat().st_mtime})
+        secs += float(state["seconds"])
+        its += int(state["step"])
+    per_it = _rate(secs, its)
+    left = None
+    if per_it is not None and batches is not None:
+        todo = batches * iterations - len(finished) * iterations - sum(s["step"] for s in in_flight)
+        left = max(0, todo) * per_it
+    return {"state": "running", "cidd_done": cidd_done, "classes": nc, "batches_done": len(finished),
+            "batches": batches, "iterations": iterations, "in_flight": in_flight,
+            "seconds_per_iteration": per_it, "refine_seconds_left": left, "method": cfg.get("method")}
+
+
+def labels_progress(folder: Path) -> List[dict]:
+    """One entry per ``labels_<mode>/`` folder: epochs done of epochs, complete, seconds."""
+    out = []
+    for m in sorted(folder.glob("labels_*/manifest.json")):
+        try:
+            man = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({"mode": man.get("mode", m.parent.name[len("labels_"):]),
+                    "epochs_done": int(man.get("epochs_done", 0)), "epochs": int(man.get("epochs", 0)),
+                    "complete": bool(man.get("complete")), "seconds": float(man.get("seconds", 0.0))})
+    return out
+
+
+def students_progress(folder: Path) -> dict:
+    """Finished evaluations (``eval_*.json``) and the ones under way (``.eval_*/``)."""
+    done = []
+    for f in sorted(folder.glob("eval_*.json")):
+        try:
+            ev = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        done.append({"name": f.stem, "labels": ev.get("labels"), "student": ev.get("student"),
+                     "split": ev.get("eval_split", "test"), "n": len(ev.get("top1", [])),
+                     "mean": ev.get("top1_mean"), "std": ev.get("top1_std")})
+    running = []
+    for work in sorted(q for q in folder.glob(".eval_*") if q.is_dir()):
+        seeds = {}
+        for f in work.glob("seed*.json"):
+            try:
+                seeds[int(f.stem[4:])] = float(json.loads(f.read_text())["top1"])
+            except (OSError, ValueError, KeyError):
+                continue
+        training = []
+        for f in sorted(work.glob("seed*.pt")):
+            state = _load(f)
+            epoch, secs = int(state["epoch"]), float(state["seconds"])
+            epochs = int((state.get("settings") or {}).get("epochs", 0))
+            per_ep = _rate(secs, epoch)
+            training.append({"seed": int(f.stem[4:]), "epoch": epoch, "epochs": epochs, "seconds": secs,
+                             "seconds_per_epoch": per_ep, "saved_unix": f.stat().st_mtime,
+                             "seconds_left": None if per_ep is None else max(0, epochs - epoch) * per_ep})
+        running.append({"name": work.name[1:], "finished": {k: seeds[k] for k in sorted(seeds)},
+                        "training": training})
+    return {"done": done, "running": running}
+
+
+def last_write(root: Path) -> Optional[float]:
+    """The newest modification time of any file under ``root``."""
+    times = [q.stat().st_mtime for q in root.rglob("*") if q.is_file()]
+    return max(times) if times else None
+
+
+def run_root(distilled: Path) -> Path:
+    """The ``nrrdd run`` output a distilled folder belongs to (``OUT/distilled`` -> ``OUT``),
+    else the folder itself."""
+    return distilled.parent if distilled.name == "distilled" else distilled
+
+
+def method_label(cfg: dict) -> Optional[str]:
+    """The method of a distilled set's config, with what differs from its defaults:
+    ``nrr (no L_lr, ε 0.9)``."""
+    method = cfg.get("method")
+    settings = cfg.get("settings") or {}
+    if method is None or not settings.get("iterations"):
+        return method
+    extra = []
+    if settings.get("label_refine") is False or settings.get("alpha_lr") == 0:
+        extra.append("no L_lr")
+    if settings.get("mask") == "cam" and settings.get("cam_eps") not in (None, 0.5):
+        extra.append(f"ε {settings['cam_eps']:g}")
+    return f"{method} ({', '.join(extra)})" if extra else method
+
+
+def progress(distilled: Path) -> dict:
+    """Everything above for one distilled folder, plus the run it belongs to."""
+    distilled = Path(distilled)
+    root = run_root(distilled)
+    cfg = _config(distilled) or {}
+    run = None
+    if (root / "run.json").is_file():
+        try:
+            run = json.loads((root / "run.json").read_text())
+        except (OSError, ValueError):
+            run = None
+    return {"path": str(root), "distilled": str(distilled), "dataset": cfg.get("dataset"),
+            "method": method_label(cfg), "ipc": cfg.get("ipc"), "seed": cfg.get("seed"),
+            "holdout_per_class": cfg.get("holdout_per_class") or 0,
+            "run_done": run is not None, "distill": distill_progress(distilled),
+            "labels": labels_progress(distilled), "students": students_progress(distilled),
+            "last_write_unix": last_write(root)}
+
+
+def human_seconds(s: Optional[float]) -> str:
+    if s is None:
+        return "?"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def format_progress(p: dict, now: Optional[float] = None) -> str:
+    """``p`` (from :func:`progress`) as a few lines of text."""
+    now = time.time() if now is None else now
+    head = " · ".join(str(x) for x in (p["method"], f"IPC {p['ipc']}", f"seed {p['seed']}", p["dataset"])
+                      if x is not None)
+    if p["holdout_per_class"]:
+        head += f" · scored on {p['holdout_per_class']} held-out images per class"
+    state = "finished" if p["run_done"] else ("distilled" if p["distill"]["state"] == "done" else "distilling")
+    lines = [f"{p['path']}  ({head}; {state})"]
+    d = p["distill"]
+    if d["state"] == "done":
+        lines.append(f"  distill   done in {human_seconds(d['seconds'])}")
+    else:
+        text = f"  distill   CIDD {d['cidd_done']}/{d['classes']} classes · NRR {d['batches_done']}/" \
+               f"{d['batches'] if d['batches'] is not None else '?'} batches"
+        for s in d["in_flight"]:
+            text += f"; batch {s['batch'] + 1} at iteration {s['step']}/{s['iterations']} " \
+                    f"(saved {human_seconds(now - s['saved_unix'])} ago)"
+        if d["seconds_per_iteration"] is not None:
+            text += f" · {d['seconds_per_iteration']:.2f} s/iteration, " \
+                    f"~{human_seconds(d['refine_seconds_left'])} of refinement left at that pace"
+        lines.append(text)
+    for lab in p["labels"]:
+        what = "done" if lab["complete"] else "under way"
+        lines.append(f"  labels    {lab['mode']}: {lab['epochs_done']}/{lab['epochs']} epochs ({what}, "
+                     f"{human_seconds(lab['seconds'])})")
+    for ev in p["students"]["done"]:
+        split = "" if ev["split"] == "test" else f" [{ev['split']}]"
+        lines.append(f"  students  {ev['name']}: {ev['mean']:.2f} ± {ev['std']:.2f} (n={ev['n']}){split}")
+    for ev in p["students"]["running"]:
+        fin = ", ".join(f"seed {k} {v:.2f}" for k, v in ev["finished"].items())
+        text = f"  students  {ev['name']}: {len(ev['finished'])} finished" + (f" ({fin})" if fin else "")
+        for t in ev["training"]:
+            text += f"; seed {t['seed']} at epoch {t['epoch']}/{t['epochs']}"
+            if t["seconds_per_epoch"] is not None:
+                text += f" ({t['seconds_per_epoch']:.1f} s/epoch, ~{human_seconds(t['seconds_left'])} left)"
+        lines.append(text)
+    if p["last_write_unix"] is not None:
+        lines.append(f"  last write {human_seconds(now - p['last_write_unix'])} ago")
+    return "\n".join(lines)
