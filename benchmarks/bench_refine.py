@@ -11,11 +11,11 @@ Modes (each the real code path):
   backward passes one after the other.
 - ``fused+graph``: the same iteration captured in one CUDA graph and replayed.
 - ``fast``: the fast path, ``Refiner`` with ``nrrdd.refine.fast_config`` (what
-  ``nrrdd distill --fast`` runs): BatchNorm folded into the convs, and on CUDA
-  bf16 autocast, channels_last and the whole iteration as one CUDA graph; on
-  the CPU the fold alone.
+  ``nrrdd distill --fast`` runs): BatchNorm folded into the convs and
+  channels_last activations, and on CUDA bf16 autocast and the whole iteration
+  as one CUDA graph (float32 on the CPU).
 - ``fast-floor``: the network's own cost on the fast path: two CE-only passes
-  through the folded teacher (bf16, channels_last, one CUDA graph on CUDA).
+  through the folded teacher in channels_last (bf16 and one CUDA graph on CUDA).
 - ``floor``: two plain forward/backward passes w.r.t. the input with CE only
   (no BN loss, mask or optimizer): the network's own cost. ``floor+graph``: the
   same as a CUDA graph.
@@ -132,15 +132,14 @@ def run_mode(config: str, mode: str, dev: torch.device, batch: int, iters: int,
         perm = torch.randperm(batch, generator=gen).to(dev)
         box = (size // 4, size // 4 + size // 2, size // 4, size // 4 + size // 2)
 
-        net, cast = teacher, False
-        if mode == "fast-floor":
+        net, cast, nhwc = teacher, False, mode == "fast-floor"
+        if nhwc:  # the fast path's layout on every device; its bf16 on CUDA only
             net, _ = nrrdd_ext.fold_batchnorm(teacher, x0[:2])
+            net = net.to(memory_format=torch.channels_last)
             cast = dev.type == "cuda"
-            if cast:
-                net = net.to(memory_format=torch.channels_last)
 
         def forward(inp):
-            if cast:
+            if nhwc:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cast, cache_enabled=False):
                 return net(inp).float()

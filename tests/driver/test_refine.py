@@ -273,7 +273,7 @@ def _first_gradient(refiner, x0, y):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_path_gradient_equals_plain_on_cpu(channels_last):
-    """On the CPU the fast path is the BatchNorm fold (float32; channels_last optional):
+    """On the CPU the fast path is the BatchNorm fold and channels_last (float32; each checked):
     the first iteration's gradient, features and loss terms equal the plain path's."""
     plain, fast, model = _fast_pair({"channels_last": channels_last})
     assert fast.config.fold_bn and not fast.config.bf16
@@ -288,6 +288,17 @@ def test_fast_path_gradient_equals_plain_on_cpu(channels_last):
     torch.testing.assert_close(f_fast, f_plain, rtol=1e-4, atol=1e-5)
     for k in ("ce", "bn", "lr", "total"):
         assert float(t_fast[k]) == pytest.approx(float(t_plain[k]), rel=1e-4), k
+
+
+def test_fast_config_is_float32_fold_and_channels_last_on_cpu():
+    from nrrdd.refine import fast_config
+
+    base = RefineConfig(iterations=7, cam_eps=0.3)
+    on = lambda c: (c.fold_bn, c.channels_last, c.bf16, c.cuda_graph)  # noqa: E731
+    assert on(fast_config(base, "cpu")) == (True, True, False, False)
+    assert on(fast_config(base, "cuda")) == (True, True, True, True)
+    assert fast_config(base, "cpu").cam_eps == 0.3 and fast_config(base, "cpu").iterations == 7
+    assert on(base) == (False, False, False, False)  # the given config is left as it was
 
 
 def test_fast_refine_images_track_plain_on_cpu():
