@@ -30,10 +30,11 @@ from typing import Iterable, List, Optional
 
 from nrrdd.errors import UsageError
 
-DISTILL_FORMAT = "nrrdd-distill-"
+FORMAT_PREFIX = "nrrdd-"  # nrrdd-distill-v1 (distill), nrrdd-random-v1 (`nrrdd run --method random`)
 
 
 def _config(folder: Path) -> Optional[dict]:
+    """The config.json of a distilled folder (a set written by nrrdd), else None."""
     f = folder / "config.json"
     if not f.is_file():
         return None
@@ -41,7 +42,11 @@ def _config(folder: Path) -> Optional[dict]:
         cfg = json.loads(f.read_text())
     except (OSError, ValueError):
         return None
-    return cfg if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith(DISTILL_FORMAT) else None
+    if not isinstance(cfg, dict):
+        return None
+    if str(cfg.get("format", "")).startswith(FORMAT_PREFIX) or (folder / "images.pt").is_file():
+        return cfg
+    return None
 
 
 def find_distilled(paths: Iterable[str | Path]) -> List[Path]:
@@ -57,7 +62,7 @@ def find_distilled(paths: Iterable[str | Path]) -> List[Path]:
         if _config(p):
             here = [p]
         if not here:
-            raise UsageError(f"{p} holds no distilled set (no config.json of `nrrdd distill` at or under it)")
+            raise UsageError(f"{p} holds no distilled set (no config.json of nrrdd at or under it)")
         found += here
     return sorted(set(found))
 
@@ -76,9 +81,8 @@ def distill_progress(folder: Path) -> dict:
     """The distill stage of ``folder`` (a distilled folder): done, or how far along."""
     cfg = _config(folder) or {}
     timings = cfg.get("timings") or {}
-    if cfg.get("status") == "done":
-        return {"state": "done", "seconds": timings.get("total"), "images": None,
-                "method": cfg.get("method")}
+    if cfg.get("status") == "done" or (cfg.get("status") is None and (folder / "images.pt").is_file()):
+        return {"state": "done", "seconds": timings.get("total"), "method": cfg.get("method")}
     settings = cfg.get("settings") or {}
     nc, ipc = int(cfg.get("num_classes") or 0), int(cfg.get("ipc") or 0)
     batch = int(settings.get("batch_size") or 0)
@@ -226,7 +230,7 @@ def format_progress(p: dict, now: Optional[float] = None) -> str:
     lines = [f"{p['path']}  ({head}; {state})"]
     d = p["distill"]
     if d["state"] == "done":
-        lines.append(f"  distill   done in {human_seconds(d['seconds'])}")
+        lines.append("  distill   done" + (f" in {human_seconds(d['seconds'])}" if d["seconds"] is not None else ""))
     else:
         text = f"  distill   CIDD {d['cidd_done']}/{d['classes']} classes · NRR {d['batches_done']}/" \
                f"{d['batches'] if d['batches'] is not None else '?'} batches"

@@ -77,6 +77,10 @@ def test_labels_and_students_under_way_report_their_epochs(toy, monkeypatch):
     the status names the epochs done, seed 0's top-1, seed 1's epoch; then the finished
     evaluation's mean ± std."""
     dist = make_distilled(toy / "dist", toy / "teacher.pt", toy / "data", 4, CLASSES, 1, SIZE)
+    # a set without distill's config (random real images, a made-up set): found by its images
+    assert find_distilled([toy]) == [dist]
+    assert progress(dist)["distill"]["state"] == "done"
+    assert "\n  distill   done\n" in format_progress(progress(dist)) + "\n"
     real_write = L.LabelStore.write_epoch
 
     def failing_write(self, epoch, arrays, flds):
