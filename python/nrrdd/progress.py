@@ -33,16 +33,19 @@ from nrrdd.errors import UsageError
 FORMAT_PREFIX = "nrrdd-"  # nrrdd-distill-v1 (distill), nrrdd-random-v1 (`nrrdd run --method random`)
 
 
-def _config(folder: Path) -> Optional[dict]:
-    """The config.json of a distilled folder (a set written by nrrdd), else None."""
-    f = folder / "config.json"
-    if not f.is_file():
-        return None
+def _json(path: Path) -> Optional[dict]:
+    """The JSON object in ``path``; None for a missing, unreadable or torn file."""
     try:
-        cfg = json.loads(f.read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(cfg, dict):
+    return obj if isinstance(obj, dict) else None
+
+
+def _config(folder: Path) -> Optional[dict]:
+    """The config.json of a distilled folder (a set written by nrrdd), else None."""
+    cfg = _json(folder / "config.json")
+    if cfg is None:
         return None
     if str(cfg.get("format", "")).startswith(FORMAT_PREFIX) or (folder / "images.pt").is_file():
         return cfg
@@ -120,9 +123,8 @@ def labels_progress(folder: Path) -> List[dict]:
     """One entry per ``labels_<mode>/`` folder: epochs done of epochs, complete, seconds."""
     out = []
     for m in sorted(folder.glob("labels_*/manifest.json")):
-        try:
-            man = json.loads(m.read_text())
-        except (OSError, ValueError):
+        man = _json(m)
+        if man is None:
             continue
         out.append({"mode": man.get("mode", m.parent.name[len("labels_"):]),
                     "epochs_done": int(man.get("epochs_done", 0)), "epochs": int(man.get("epochs", 0)),
@@ -134,9 +136,8 @@ def students_progress(folder: Path) -> dict:
     """Finished evaluations (``eval_*.json``) and the ones under way (``.eval_*/``)."""
     done = []
     for f in sorted(folder.glob("eval_*.json")):
-        try:
-            ev = json.loads(f.read_text())
-        except (OSError, ValueError):
+        ev = _json(f)
+        if ev is None:
             continue
         done.append({"name": f.stem, "labels": ev.get("labels"), "student": ev.get("student"),
                      "split": ev.get("eval_split", "test"), "n": len(ev.get("top1", [])),
@@ -145,10 +146,9 @@ def students_progress(folder: Path) -> dict:
     for work in sorted(q for q in folder.glob(".eval_*") if q.is_dir()):
         seeds = {}
         for f in work.glob("seed*.json"):
-            try:
-                seeds[int(f.stem[4:])] = float(json.loads(f.read_text())["top1"])
-            except (OSError, ValueError, KeyError):
-                continue
+            rec = _json(f)
+            if rec is not None and "top1" in rec:
+                seeds[int(f.stem[4:])] = float(rec["top1"])
         training = []
         for f in sorted(work.glob("seed*.pt")):
             state = _load(f)
@@ -195,12 +195,7 @@ def progress(distilled: Path) -> dict:
     distilled = Path(distilled)
     root = run_root(distilled)
     cfg = _config(distilled) or {}
-    run = None
-    if (root / "run.json").is_file():
-        try:
-            run = json.loads((root / "run.json").read_text())
-        except (OSError, ValueError):
-            run = None
+    run = _json(root / "run.json")
     return {"path": str(root), "distilled": str(distilled), "dataset": cfg.get("dataset"),
             "method": method_label(cfg), "ipc": cfg.get("ipc"), "seed": cfg.get("seed"),
             "holdout_per_class": cfg.get("holdout_per_class") or 0,
