@@ -67,14 +67,16 @@ def test_outputs(full_run):
 
 
 def test_fast_path_on_cpu_folds_and_tracks_the_plain_run(full_run, folder_dir, teacher_path, tmp_path):
-    """--fast on the CPU folds the teacher's BatchNorms (float32): the images equal the
-    plain run's to float32 noise, and config.json records what was folded."""
+    """--fast on the CPU folds the teacher's BatchNorms and runs it in channels_last (float32):
+    the images equal the plain run's to float32 noise, and config.json records what was folded."""
     out = tmp_path / "fast"
     assert main(_args(folder_dir, teacher_path, out, "--fast")) == 0
     cfg = json.loads((out / "config.json").read_text())
     plain = json.loads((full_run / "config.json").read_text())
     assert cfg["run"]["fast"] is True and plain["run"]["fast"] is False and plain["fast_path"] is None
-    assert cfg["refine"]["fold_bn"] and not cfg["refine"]["bf16"] and not cfg["refine"]["cuda_graph"]
+    assert cfg["refine"]["fold_bn"] and cfg["refine"]["channels_last"]
+    assert not cfg["refine"]["bf16"] and not cfg["refine"]["cuda_graph"]
+    assert not plain["refine"]["fold_bn"] and not plain["refine"]["channels_last"]
     fold = cfg["fast_path"]["fold_bn"]
     assert len(fold["folded"]) == 3 and not fold["kept"] and fold["check_error"] < 1e-5
     a, b = torch.load(out / "images.pt"), torch.load(full_run / "images.pt")
