@@ -155,6 +155,11 @@ def test_r_sweep_without_label_refinement_distils_once(done, idx_dir, capsys):
     assert study.main(base + ["--sweep-method", "nrr", "--sweep", "r=0.1,0.4", "--dry-run"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "sweep nrr r" in ln]
     assert len(lines) == 2 and "--r 0.1" in lines[0] and "sweep-r-0.1" in lines[0]
+    assert not any("-fast" in ln for ln in lines)  # nrrdd's own default unless asked
+    for flag in ("--fast", "--no-fast"):
+        assert study.main(base + ["--sweep-method", "nrr", "--sweep", "r=0.1,0.4", flag, "--dry-run"]) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "sweep nrr r" in ln]
+        assert len(lines) == 2 and all(ln.split()[-1] == flag for ln in lines)
     assert study.main(base + ["--method", "sre2l-nolr", "--sweep-method", "sre2l-nolr", "--sweep", "r=0.1",
                               "--sweep-labels", "dbr", "--dry-run"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "sre2l-nolr" in ln]
