@@ -22,7 +22,6 @@ folder under it.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -60,10 +59,9 @@ def find_distilled(paths: Iterable[str | Path]) -> List[Path]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise UsageError(f"{p} is not a folder")
-        here = [q.parent for q in sorted(p.rglob("config.json"))
-                if not any(s.startswith(".") for s in q.relative_to(p).parts) and _config(q.parent)]
-        if _config(p):
-            here = [p]
+        here = [p] if _config(p) else [
+            q.parent for q in sorted(p.rglob("config.json"))
+            if not any(s.startswith(".") for s in q.relative_to(p).parts) and _config(q.parent)]
         if not here:
             raise UsageError(f"{p} holds no distilled set (no config.json of nrrdd at or under it)")
         found += here
@@ -82,6 +80,8 @@ def _rate(seconds: float, done: int) -> Optional[float]:
 
 def distill_progress(folder: Path) -> dict:
     """The distill stage of ``folder`` (a distilled folder): done, or how far along."""
+    from nrrdd.distill import refine_batches
+
     cfg = _config(folder) or {}
     timings = cfg.get("timings") or {}
     if cfg.get("status") == "done" or (cfg.get("status") is None and (folder / "images.pt").is_file()):
@@ -95,7 +95,7 @@ def distill_progress(folder: Path) -> dict:
     cidd_done = sum(1 for q in (partial / "cidd").glob("*.pt") if digits.match(q.name))
     refine_dir = partial / "refine"
     finished = sorted(q for q in refine_dir.glob("*.pt") if digits.match(q.name))
-    batches = math.ceil(nc * ipc / batch) if batch else None
+    batches = len(refine_batches(nc, ipc, batch)) if batch else None
     secs, its = 0.0, 0
     for q in finished:
         unit = _load(q)
