@@ -6,7 +6,9 @@ Every long stage saves resumable state (``nrrdd.distill``, ``nrrdd.relabel``,
 - distill: the CIDD classes done (``partial/cidd/<class>.pt``), the refinement
   batches done (``partial/refine/<b>.pt``) and, for a batch under refinement, the
   step, iteration count and seconds of its last saved state (``<b>.state.pt``),
-  hence seconds per iteration and the refinement time left at that pace;
+  hence seconds per iteration (on average, and between its last two saves: the
+  pace now, which a pause or a shared core does not blur) and the refinement time
+  left at the recent pace (the average one for a state saved before 2026-12-01);
 - labels: each ``labels_<mode>/manifest.json``'s epochs done of its epochs;
 - students: each finished ``eval_*.json`` (top-1 mean ± std over its students) and,
   for an evaluation under way (``.eval_*/``), the students finished and the epoch,
@@ -15,9 +17,10 @@ Every long stage saves resumable state (``nrrdd.distill``, ``nrrdd.relabel``,
   or its machine gone) shows as one that has not written for a long time: the
   files cannot tell a running process from a dead one.
 
-``find_distilled`` accepts a distilled folder, a ``nrrdd run`` output (its
+``find_runs`` accepts a distilled folder, a ``nrrdd run`` output (its
 ``distilled/``) or any folder above them (a study), and lists every distilled
-folder under it.
+folder under it, and every teacher training under way (``teacher.pt.partial``: the
+epochs done, the pace, the time left).
 """
 from __future__ import annotations
 
@@ -51,21 +54,48 @@ def _config(folder: Path) -> Optional[dict]:
     return None
 
 
+def _visible(q: Path, root: Path) -> bool:
+    return not any(s.startswith(".") for s in q.relative_to(root).parts)
+
+
+def _distilled_under(p: Path) -> List[Path]:
+    if _config(p):
+        return [p]
+    return [q.parent for q in sorted(p.rglob("config.json")) if _visible(q, p) and _config(q.parent)]
+
+
+def _teacher_trainings_under(p: Path) -> List[Path]:
+    from nrrdd.teacher import PARTIAL_SUFFIX
+
+    return [q for q in sorted(p.rglob("*" + PARTIAL_SUFFIX)) if q.is_file() and _visible(q, p)
+            and _teacher_state(q) is not None]
+
+
 def find_distilled(paths: Iterable[str | Path]) -> List[Path]:
     """Every distilled folder at or under ``paths`` (hidden folders skipped), sorted.
 
     Raises :class:`UsageError` for a path that does not exist or holds none."""
+    return find_runs(paths, teachers=False)[0]
+
+
+def find_runs(paths: Iterable[str | Path], teachers: bool = True) -> tuple[List[Path], List[Path]]:
+    """The distilled folders and the unfinished teacher trainings (``*.partial``, the state
+    ``nrrdd train-teacher`` and ``nrrdd run`` save after each epoch) at or under ``paths``.
+
+    Raises :class:`UsageError` for a path that does not exist or holds neither."""
     found: List[Path] = []
+    trainings: List[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise UsageError(f"{p} is not a folder")
-        here = [p] if _config(p) else [
-            q.parent for q in sorted(p.rglob("config.json"))
-            if not any(s.startswith(".") for s in q.relative_to(p).parts) and _config(q.parent)]
-        if not here:
-            raise UsageError(f"{p} holds no distilled set (no config.json of nrrdd at or under it)")
+        here = _distilled_under(p)
+        training = _teacher_trainings_under(p) if teachers else []
+        if not here and not training:
+            raise UsageError(f"{p} holds no distilled set (no config.json of nrrdd at or under it)"
+                             + (" and no teacher training under way" if teachers else ""))
         found += here
-    return sorted(set(found))
+        trainings += training
+    return sorted(set(found)), sorted(set(trainings))
 
 
 def _load(path: Path) -> dict:
@@ -105,18 +135,61 @@ def distill_progress(folder: Path) -> dict:
     for q in sorted(refine_dir.glob("*.state.pt")):
         state = _load(q)
         b = int(q.name.split(".")[0])
+        recent = state.get("recent") or {}
         in_flight.append({"batch": b, "step": int(state["step"]), "iterations": int(state["iterations"]),
-                          "seconds": float(state["seconds"]), "saved_unix": q.stat().st_mtime})
+                          "seconds": float(state["seconds"]), "saved_unix": q.stat().st_mtime,
+                          "recent_seconds_per_iteration": _rate(float(recent.get("seconds", 0.0)),
+                                                                int(recent.get("iterations", 0)))})
         secs += float(state["seconds"])
         its += int(state["step"])
     per_it = _rate(secs, its)
+    recents = [s["recent_seconds_per_iteration"] for s in in_flight if s["recent_seconds_per_iteration"]]
+    recent = sum(recents) / len(recents) if recents else None
     left = None
     if per_it is not None and batches is not None:
         todo = batches * iterations - len(finished) * iterations - sum(s["step"] for s in in_flight)
-        left = max(0, todo) * per_it
+        left = max(0, todo) * (recent if recent is not None else per_it)
     return {"state": "running", "cidd_done": cidd_done, "classes": nc, "batches_done": len(finished),
             "batches": batches, "iterations": iterations, "in_flight": in_flight,
-            "seconds_per_iteration": per_it, "refine_seconds_left": left, "method": cfg.get("method")}
+            "seconds_per_iteration": per_it, "recent_seconds_per_iteration": recent,
+            "refine_seconds_left": left, "method": cfg.get("method")}
+
+
+def _teacher_state(path: Path) -> Optional[dict]:
+    """The state a teacher training saved in ``path`` after an epoch, else None."""
+    try:
+        state = _load(path)
+    except Exception:  # not a torch file, or not one of ours
+        return None
+    ok = isinstance(state, dict) and {"model", "epoch", "seconds"} <= state.keys() \
+        and "arch" in (state.get("settings") or {})
+    return state if ok else None
+
+
+def teacher_progress(path: Path) -> dict:
+    """An unfinished teacher training (its ``*.partial`` state): epochs done, pace, time left."""
+    path = Path(path)
+    state = _teacher_state(path)
+    if state is None:
+        raise UsageError(f"{path} is not the saved state of a teacher training")
+    settings = state["settings"]
+    epoch, epochs, secs = int(state["epoch"]), int(settings.get("epochs", 0)), float(state["seconds"])
+    per_ep = _rate(secs, epoch)
+    return {"path": str(path), "checkpoint": str(path)[:-len(".partial")], "arch": settings["arch"],
+            "dataset": settings.get("dataset"), "epoch": epoch, "epochs": epochs, "seconds": secs,
+            "seconds_per_epoch": per_ep, "saved_unix": path.stat().st_mtime,
+            "seconds_left": None if per_ep is None else max(0, epochs - epoch) * per_ep}
+
+
+def format_teacher_progress(t: dict, now: Optional[float] = None) -> str:
+    """``t`` (from :func:`teacher_progress`) as two lines of text."""
+    now = time.time() if now is None else now
+    head = " · ".join(str(x) for x in (f"teacher {t['arch']}", t["dataset"]) if x is not None)
+    text = f"  teacher   epoch {t['epoch']}/{t['epochs']} done"
+    if t["seconds_per_epoch"] is not None:
+        text += f" · {human_seconds(t['seconds_per_epoch'])}/epoch, ~{human_seconds(t['seconds_left'])} left"
+    text += f" (saved {human_seconds(now - t['saved_unix'])} ago)"
+    return f"{t['checkpoint']}  ({head}; training)\n{text}"
 
 
 def labels_progress(folder: Path) -> List[dict]:
@@ -232,7 +305,11 @@ def format_progress(p: dict, now: Optional[float] = None) -> str:
         for s in d["in_flight"]:
             text += f"; batch {s['batch'] + 1} at iteration {s['step']}/{s['iterations']} " \
                     f"(saved {human_seconds(now - s['saved_unix'])} ago)"
-        if d["seconds_per_iteration"] is not None:
+        if d["recent_seconds_per_iteration"] is not None:
+            text += f" · {d['recent_seconds_per_iteration']:.2f} s/iteration before the last save " \
+                    f"({d['seconds_per_iteration']:.2f} on average), " \
+                    f"~{human_seconds(d['refine_seconds_left'])} of refinement left at the recent pace"
+        elif d["seconds_per_iteration"] is not None:
             text += f" · {d['seconds_per_iteration']:.2f} s/iteration, " \
                     f"~{human_seconds(d['refine_seconds_left'])} of refinement left at that pace"
         lines.append(text)

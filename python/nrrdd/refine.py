@@ -387,7 +387,8 @@ class Refiner:
 
         Mid-batch resume: every ``checkpoint_every_s`` seconds (0: after every
         iteration but the last) ``on_checkpoint`` receives a :meth:`snapshot` plus
-        the log so far (``log``) and the seconds spent (``seconds``); passing that
+        the log so far (``log``), the seconds spent (``seconds``) and the iterations and
+        seconds since the previous save or the start (``recent``); passing that
         dict back as ``resume`` (same ``x0``, ``y``, a generator in the same state)
         continues where it was taken, to the same images as an uninterrupted run
         on the CPU."""
@@ -403,16 +404,18 @@ class Refiner:
                 self.restore(st, resume)
             first = int(st.step.item()) if resume else 0
             bar = tqdm(total=cfg.iterations, initial=first, desc=desc, disable=not progress, leave=False)
-            last_save = time.perf_counter()
+            last_save, last_step = time.perf_counter(), first
 
             def checkpoint(i: int) -> None:
-                nonlocal last_save
-                if on_checkpoint is None or i + 1 >= cfg.iterations \
-                        or time.perf_counter() - last_save < checkpoint_every_s:
+                nonlocal last_save, last_step
+                now = time.perf_counter()
+                if on_checkpoint is None or i + 1 >= cfg.iterations or now - last_save < checkpoint_every_s:
                     return
-                on_checkpoint({**self.snapshot(st), "log": list(log),
-                               "seconds": spent + time.perf_counter() - start})
-                last_save = time.perf_counter()
+                # "recent": the iterations and seconds since the previous save, the pace now
+                # (``seconds`` averages over the whole batch, pauses and shared cores included)
+                on_checkpoint({**self.snapshot(st), "log": list(log), "seconds": spent + now - start,
+                               "recent": {"iterations": i + 1 - last_step, "seconds": now - last_save}})
+                last_save, last_step = time.perf_counter(), i + 1
 
             def after(i: int) -> None:
                 bar.update(1)

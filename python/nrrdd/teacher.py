@@ -47,6 +47,7 @@ from nrrdd.models import SMALL_IMAGE_MAX, build_model, known_arch
 
 CHECKPOINT_FORMAT = "nrrdd-teacher-v1"
 LOG_STEPS = 100  # a progress line every this many steps when no progress bar is shown
+PARTIAL_SUFFIX = ".partial"  # teacher.pt -> teacher.pt.partial: the state after each epoch
 
 
 def progress_enabled(quiet: bool) -> bool:
@@ -210,6 +211,13 @@ def train_teacher(arch: str, train: ImageSet, test: ImageSet, *, epochs: int,
         "train_seconds": time.perf_counter() - start,
     }
     return model, meta
+
+
+def partial_path(checkpoint: str | Path) -> Path:
+    """Where the training state of the teacher checkpoint ``checkpoint`` lives until the
+    training finishes (``teacher.pt`` -> ``teacher.pt.partial``); ``nrrdd status`` finds it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + PARTIAL_SUFFIX)
 
 
 def save_teacher(model: nn.Module, meta: Dict[str, Any], path: str | Path) -> None:

@@ -214,7 +214,7 @@ def test_bf16_channels_last_teacher_saves_a_plain_fp32_checkpoint(idx_dir, tmp_p
 
 def test_train_teacher_cli_keeps_an_unfinished_training(idx_dir, tmp_path, capsys):
     from nrrdd.cli import main
-    from nrrdd.commands.train_teacher import partial_path
+    from nrrdd.teacher import partial_path
 
     out = tmp_path / "t.pt"
     partial = partial_path(out)

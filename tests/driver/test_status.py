@@ -11,7 +11,7 @@ import nrrdd.student as S
 from nrrdd import labels as L
 from nrrdd.cli import main
 from nrrdd.distill import DistillSettings, distill, refine_batches
-from nrrdd.progress import find_distilled, format_progress, method_label, progress
+from nrrdd.progress import find_distilled, find_runs, format_progress, method_label, progress, teacher_progress
 
 CLASSES, IPC, SIZE = 3, 2, 16
 
@@ -31,13 +31,16 @@ def _settings(toy, out, **kw):
 
 
 def test_interrupted_distill_reports_its_saved_state(toy, capsys):
-    """Stopped after batch 2's first iteration: CIDD 3/3, NRR 1/2 batches, batch 2 at 1/3;
-    the pace is the saved seconds over the iterations done, the time left the rest at that pace."""
+    """Stopped after batch 2's second iteration: CIDD 3/3, NRR 1/2 batches, batch 2 at 2/3;
+    the average pace is the saved seconds over the iterations done, the recent one the
+    last save's interval (one iteration, not two), the time left the rest at the recent pace."""
     run = toy / "study" / "cell"
     out, seed = run / "distilled", fresh_seed() % 1000
+    saves = []
 
     def stop_in_batch_2(stage, i):
-        if (stage, i) == ("refine_state", 1):
+        saves.append((stage, i))
+        if saves.count(("refine_state", 1)) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -51,20 +54,26 @@ def test_interrupted_distill_reports_its_saved_state(toy, capsys):
     assert p["path"] == str(run) and p["ipc"] == IPC and p["method"] == "nrr (no L_lr, ε 0.7)"
     assert d["state"] == "running" and d["cidd_done"] == d["classes"] == CLASSES
     assert (d["batches_done"], d["batches"], d["iterations"]) == (1, batches, 3)
-    assert [(s["batch"], s["step"], s["iterations"]) for s in d["in_flight"]] == [(1, 1, 3)]
+    assert [(s["batch"], s["step"], s["iterations"]) for s in d["in_flight"]] == [(1, 2, 3)]
     assert d["in_flight"][0]["seconds"] == pytest.approx(state["seconds"])
-    pace = (unit["seconds"] + state["seconds"]) / (3 + 1)
+    pace = (unit["seconds"] + state["seconds"]) / (3 + 2)
     assert d["seconds_per_iteration"] == pytest.approx(pace)
-    assert d["refine_seconds_left"] == pytest.approx((batches * 3 - 3 - 1) * pace)
+    assert state["recent"]["iterations"] == 1 and 0 < state["recent"]["seconds"] < state["seconds"]
+    recent = state["recent"]["seconds"]
+    assert d["recent_seconds_per_iteration"] == pytest.approx(recent)
+    assert d["refine_seconds_left"] == pytest.approx((batches * 3 - 3 - 2) * recent)
     assert p["labels"] == [] and p["students"] == {"done": [], "running": []} and not p["run_done"]
     text = format_progress(p)
-    assert "CIDD 3/3 classes · NRR 1/2 batches; batch 2 at iteration 1/3" in text
+    assert "CIDD 3/3 classes · NRR 1/2 batches; batch 2 at iteration 2/3" in text
+    assert f"{recent:.2f} s/iteration before the last save ({pace:.2f} on average)" in text
     assert text.splitlines()[0].startswith(f"{run}  (nrr (no L_lr, ε 0.7) · IPC 2")
     assert main(["status", str(toy / "study")]) == 0
-    assert "batch 2 at iteration 1/3" in capsys.readouterr().out
+    assert "batch 2 at iteration 2/3" in capsys.readouterr().out
     assert main(["status", "--json", str(out)]) == 0
-    (got,) = json.loads(capsys.readouterr().out)
-    assert got["distill"]["in_flight"][0]["step"] == 1 and got["distill"]["batches_done"] == 1
+    got = json.loads(capsys.readouterr().out)
+    assert got["teacher_trainings"] == []
+    (got,) = got["runs"]
+    assert got["distill"]["in_flight"][0]["step"] == 2 and got["distill"]["batches_done"] == 1
     # finished: the time the run recorded
     distill(_settings(toy, out, seed=seed), resume=True)
     d = progress(out)["distill"]
@@ -145,6 +154,55 @@ def test_method_label_names_what_differs_from_the_defaults():
     assert method_label({"method": "cidd", "settings": {"iterations": 0, "cam_eps": 0.3}}) == "cidd"
     assert method_label({"method": "sre2l", "settings": {"iterations": 5, "mask": "none", "cam_eps": 0.3,
                                                          "alpha_lr": 1.0}}) == "sre2l"
+
+
+def test_run_stopped_in_its_teacher_training_reports_the_epoch_and_resumes(toy, monkeypatch, capsys):
+    """`nrrdd run` killed after the teacher's epoch 1 of 3: the status names the epoch, the
+    pace and the time left from the saved state; --resume finishes the training to the
+    weights of an uninterrupted run."""
+    import nrrdd.teacher as T
+
+    real = T.train_teacher
+
+    def stop_after_epoch_1(*args, **kw):
+        def on_epoch_end(epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+        return real(*args, **kw, on_epoch_end=on_epoch_end)
+
+    seed = str(fresh_seed() % 1000)
+    argv = ["run", "--dataset", "imagefolder", "--data-dir", str(toy / "data"), "--image-size", str(SIZE),
+            "--ipc", "1", "--iterations", "1", "--mipc", "4", "--factor", "1", "--epochs", "1",
+            "--teacher-epochs", "3", "--labels", "soft", "--seed", seed, "--device", "cpu", "--quiet"]
+    a, b = toy / "runs" / "a", toy / "runs" / "b"
+    monkeypatch.setattr(T, "train_teacher", stop_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--out", str(a)])
+    monkeypatch.setattr(T, "train_teacher", real)
+    partial = a / "teacher.pt.partial"
+    state = torch.load(partial)
+    assert find_runs([toy / "runs"]) == ([], [partial])
+    t = teacher_progress(partial)
+    assert (t["arch"], t["epoch"], t["epochs"], t["checkpoint"]) == ("convnet3", 1, 3, str(a / "teacher.pt"))
+    assert t["seconds_per_epoch"] == pytest.approx(state["seconds"])
+    assert t["seconds_left"] == pytest.approx(2 * state["seconds"])
+    assert main(["status", str(toy / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert f"{a / 'teacher.pt'}  (teacher convnet3 · imagefolder; training)" in text
+    assert "teacher   epoch 1/3 done" in text
+    assert main(["status", "--json", str(a)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["runs"] == [] and [x["epoch"] for x in got["teacher_trainings"]] == [1]
+    assert main(argv + ["--out", str(a)]) == 2  # not without --resume: the epoch is kept
+    assert "--resume" in capsys.readouterr().err and partial.is_file()
+    assert main(argv + ["--out", str(a), "--resume"]) == 0
+    assert not partial.exists()
+    assert main(argv + ["--out", str(b)]) == 0
+    resumed, whole = torch.load(a / "teacher.pt"), torch.load(b / "teacher.pt")
+    assert resumed["epochs"] == whole["epochs"] == 3
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][k], v), k
 
 
 def test_a_folder_without_runs_is_an_error(tmp_path, capsys):

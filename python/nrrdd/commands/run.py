@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     from nrrdd.models import known_arch
     from nrrdd.relabel import default_augment, relabel
     from nrrdd.report import report
-    from nrrdd.teacher import load_teacher, save_teacher, train_teacher
+    from nrrdd.teacher import load_teacher, partial_path, save_teacher, train_teacher
 
     P = dict(PRESETS[args.preset])
     source = _images_source(args, P) if args.images_from is not None else None
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     if args.force and out.is_dir():
         import shutil
 
-        for name in ("teacher.pt", "distilled", "ddranking", "run.json", "report.md"):
+        for name in ("teacher.pt", "teacher.pt.partial", "distilled", "ddranking", "run.json", "report.md"):
             t = out / name
             shutil.rmtree(t) if t.is_dir() else t.unlink(missing_ok=True)
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
@@ -287,13 +287,16 @@ def run(args: argparse.Namespace) -> int:
             te = _subset(test, P["teacher_test_images"], args.seed)
             say(f"teacher: training {P['teacher_arch']} for {P['teacher_epochs']} epoch(s) on "
                 f"{len(tr)} images")
+            # the state after each epoch, so --resume continues an interrupted training
+            partial = partial_path(teacher_path)
             model, meta = train_teacher(P["teacher_arch"], tr, te, epochs=P["teacher_epochs"], device=device,
                                         seed=args.seed, optimizer=P["teacher_optimizer"], lr=P["teacher_lr"],
                                         batch_size=P["teacher_batch_size"], quiet=args.quiet,
-                                        log=say)
+                                        log=say, checkpoint=partial)
             meta.update(train_images=len(tr), test_images=len(te),
                         data_dir=None if args.data_dir is None else str(Path(args.data_dir).resolve()))
             save_teacher(model, meta, teacher_path)
+            partial.unlink(missing_ok=True)
             teacher, meta = load_teacher(teacher_path, device)
     if int(meta["num_classes"]) != train.num_classes or int(meta["in_channels"]) != train.in_channels:
         raise UsageError(f"teacher {teacher_path} ({meta['num_classes']} classes, {meta['in_channels']} "

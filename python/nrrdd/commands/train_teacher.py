@@ -34,15 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
 
-def partial_path(out: Path) -> Path:
-    """Where the training state of ``out`` lives until it is finished."""
-    return out.with_name(out.name + ".partial")
-
-
 def run(args: argparse.Namespace) -> int:
     from nrrdd.data import load_split
     from nrrdd.models import known_arch
-    from nrrdd.teacher import save_teacher, train_teacher
+    from nrrdd.teacher import partial_path, save_teacher, train_teacher
 
     out = Path(args.out)
     if out.exists() and not args.force:
