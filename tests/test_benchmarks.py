@@ -37,6 +37,18 @@ def test_bench_refine_cpu_smoke(tmp_path):
     assert "| convnet3-28 | fused" in stdout
 
 
+def test_bench_student_cpu_smoke(tmp_path):
+    data, stdout = _run("bench_student.py", "--device", "cpu", "--config", "convnet3-28", "--ipc", "1",
+                        "--epochs", "1", "--repeats", "1", tmp_path=tmp_path)
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"fp32", "channels_last", "bf16", "bf16+channels_last"}
+    for r in rows.values():
+        assert r["images"] == 10 and math.isfinite(r["ms_per_epoch"]) and r["ms_per_epoch"] > 0
+        assert r["x_fp32"] == pytest.approx(r["ms_per_epoch"] / rows["fp32"]["ms_per_epoch"], rel=1e-2, abs=1e-2)
+        assert r["s_per_student"] == pytest.approx(r["ms_per_epoch"] * 300 / 1000, rel=1e-2, abs=0.1)
+    assert data["meta"]["batch"] == 100 and "| convnet3-28 | channels_last" in stdout
+
+
 def test_bench_ops_cpu_smoke(tmp_path):
     prof = tmp_path / "profile.txt"
     data, _ = _run("bench_ops.py", "--device", "cpu", "--quick", "--iters", "2", "--profile", str(prof),

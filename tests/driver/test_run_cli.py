@@ -70,12 +70,14 @@ def test_resume_reuses_everything(first_run, data):
 def test_every_method(first_run, data, tmp_path, method):
     teacher = first_run[1] / "teacher.pt"
     out = tmp_path / method
+    layout = ["--student-channels-last"] if method == "cidd" else []  # reaches the students
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out),
-                 "--method", method, "--teacher", str(teacher), "--labels", "soft", *TINY]) == 0
+                 "--method", method, "--teacher", str(teacher), "--labels", "soft", *layout, *TINY]) == 0
     config = json.loads((out / "distilled" / "config.json").read_text())
     assert config["method"] == method
     ev = json.loads((out / "distilled" / "eval_soft_convnet3.json").read_text())
     assert ev["method"] == method and ev["labels"] == "soft"
+    assert ev["channels_last"] == (method == "cidd") and ev["precision"] == "fp32"
     assert not (out / "teacher.pt").exists()  # the given teacher was used
     if method == "random":
         train = load_split("imagefolder", data, "train", SIZE)

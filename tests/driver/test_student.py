@@ -163,6 +163,7 @@ def test_eval_variant_names_only_what_differs():
     assert eval_variant("soft", temperature=20.0, default_temperature=20.0) == ""
     assert eval_variant("soft", temperature=4.0, default_temperature=20.0, weight_decay=0.05) == "t4-wd0.05"
     assert eval_variant("compact", temperature=4.0, default_temperature=20.0) == ""  # fixed by its labels
+    assert eval_variant("dbr", dbr_r=0.7, bf16=True) == "r0.7-bf16"
     assert eval_name("dbr", "convnet3", False, "holdout", "r0.1") == "eval_dbr-r0.1_convnet3-holdout"
     assert eval_name("soft", "resnet18", True) == "eval_soft-online_resnet18"
 
@@ -217,6 +218,38 @@ def test_interrupted_student_resumes_to_the_same_result(setup):
     assert resumed.final_loss == fresh.final_loss and resumed.top1 == fresh.top1
     with pytest.raises(UsageError, match="other settings \\(k 1 there, 2 now\\)"):  # named, and refused
         train_student(*args[:3], stored, *args[4:], checkpoint=ckpt, settings={"k": 2}, quiet=True)
+
+
+def test_channels_last_and_bf16_students_train_the_same_network(setup):
+    """One epoch of one batch: its loss is the fresh student's on the replayed batch, the same
+    in the channels_last layout to float32 rounding and under bf16 autocast to bf16 rounding;
+    the channels_last student's conv weights are stored in that layout; the command names a
+    bf16 evaluation apart (the fp32 one stays) and records layout and precision."""
+    from nrrdd.student import no_labels
+
+    dist = setup / "dist"
+    ds = load_distilled(dist)
+    test = load_split("imagefolder", setup / "data", "test", SIZE)
+    whole = AugmentConfig(batch_size=len(ds), min_scale=0.5)
+    args = (ds, "convnet3", "onehot", no_labels, whole, fresh_seed() % 1000, 1, 5, CLASSES, test,
+            ds.config["mean"], ds.config["std"])
+    plain = train_student(*args, checkpoint=setup / "plain.pt", quiet=True)
+    cl = train_student(*args, checkpoint=setup / "cl.pt", quiet=True, channels_last=True)
+    bf = train_student(*args, quiet=True, bf16=True)
+    assert 0.5 < plain.final_loss < 3  # about ln 3 for a fresh student
+    assert cl.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
+    assert bf.final_loss != plain.final_loss and bf.final_loss == pytest.approx(plain.final_loss, rel=2e-2)
+    w = {f: torch.load(setup / f"{f}.pt", weights_only=True)["model"] for f in ("plain", "cl")}
+    convs = [k for k, v in w["plain"].items() if v.dim() == 4]
+    assert convs and all(w["cl"][k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert not all(w["plain"][k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    # the command
+    assert _evaluate(dist, "onehot", "--seeds", "1", "--epochs", "2") == 0
+    assert _evaluate(dist, "onehot", "--seeds", "1", "--epochs", "2", "--bf16", "--channels-last") == 0
+    fp32 = json.loads((dist / "eval_onehot-e2_convnet3.json").read_text())
+    b = json.loads((dist / "eval_onehot-e2-bf16_convnet3.json").read_text())
+    assert (fp32["precision"], fp32["channels_last"]) == ("fp32", False)
+    assert (b["precision"], b["channels_last"], b["variant"]) == ("bf16", True, "e2-bf16")
 
 
 def test_bad_input_exits_2(setup, tmp_path, capsys):

@@ -165,6 +165,12 @@ def test_r_sweep_without_label_refinement_distils_once(done, idx_dir, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "sre2l-nolr" in ln]
     assert "--method sre2l" in lines[0] and "--no-label-refine" in lines[0] and "ipc1-sre2l-nolr" in lines[0]
     assert "sweep-sre2l-nolr-r-base" in lines[1] and "--dbr-r 0.1" in lines[2]  # no L_lr: one set
+    assert not any("channels-last" in ln for ln in lines)
+    assert study.main(base + ["--method", "sre2l-nolr", "--sweep-method", "sre2l-nolr", "--sweep", "r=0.1",
+                              "--sweep-labels", "dbr", "--student-channels-last", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "sre2l-nolr" in ln]
+    assert " run " in lines[0] and lines[0].split()[-1] == "--student-channels-last"
+    assert " evaluate " in lines[2] and lines[2].split()[-1] == "--channels-last"
     assert study.main(base + ["--sweep-method", "cidd", "--sweep", "r=0.1,0.4", "--sweep-labels", "soft,dbr"]) == 0
     made = sorted(d.name for d in out.glob("sweep-cidd-r-*"))
     assert made == ["sweep-cidd-r-base"]

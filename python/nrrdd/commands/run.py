@@ -57,7 +57,7 @@ LABEL_MODES = ("dbr", "soft", "compact", "onehot")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from nrrdd.commands.evaluate import add_eval_split_arguments
+    from nrrdd.commands.evaluate import add_eval_split_arguments, add_student_speed_arguments
 
     p.add_argument("--dataset", required=True, help="fashion-mnist, cifar10, cifar100 or imagefolder")
     p.add_argument("--data-dir", default=None)
@@ -96,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-lr", type=float, default=1.0,
                    help="weight of the label-refinement term L_lr in refinement (Eq. 11; the paper's 1)")
     add_eval_split_arguments(p)
+    add_student_speed_arguments(p, prefix="student-")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-ddranking", action="store_true",
                    help="also write OUT/ddranking/{images,labels,soft_labels}.pt")
@@ -350,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, batch_size=P["batch_size"], mix="cutmix", min_scale=1.0 / P["factor"],
             temperature=None, lr=1e-3, weight_decay=0.01, device=str(device), resume=args.resume,
             quiet=args.quiet, eval_split=args.eval_split, holdout_per_class=args.holdout_per_class,
-            dbr_r=args.r)
+            dbr_r=args.r, channels_last=args.student_channels_last, bf16=args.student_bf16)
         res = prepare(ns, extra={"method": args.method, "preset": args.preset})()
         meter.stop("evaluate")
         results[mode] = res
