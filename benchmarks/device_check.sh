@@ -104,6 +104,10 @@ if [[ " $STAGE " == *" refine "* && $DEV == cuda ]]; then
   # where the time goes in the eager fused step (the breakdown the targets ask for)
   $PY benchmarks/bench_refine.py --device cuda --iters 10 --config resnet18-224 --config resnet18-32 \
     --mode fused --mode floor --profile "$OUT/profile.txt" >/dev/null 2>&1 || true
+  # student training per layout and precision (evaluate --channels-last / --bf16; seconds)
+  $PY benchmarks/bench_student.py --device cuda --config convnet3-28 --config resnet18-32 --ipc 50 \
+    --epochs 5 --json "$extras/bench_student.json" 2>&1 | tee "$extras/bench_student.txt"
+  pack
 fi
 if [[ " $STAGE " == *" patch "* && $DEV == cuda ]]; then
   t0=$(date +%s)
