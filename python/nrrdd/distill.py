@@ -15,8 +15,10 @@
   patch k of an image fills cell (k // factor, k % factor) of its grid;
 - ``log.jsonl``: the loss terms of each logged refinement iteration
   (``batch``, ``iteration``, ``ce``, ``bn``, ``lr``, ``total``, ``lr_rate``);
-- ``timings.json``: seconds per stage (load, cidd, refine, write, total), and what a
-  resume reused (``resumed_units``, ``resumed_iterations``).
+- ``timings.json``: seconds per stage of this process (load, cidd, refine, write,
+  total), what a resume reused (``resumed_units``, ``resumed_iterations``), and
+  ``refine_work``: the refinement seconds of every batch, whichever process (or
+  resumed process) ran it, summed: a resumed run's whole refinement time.
 
 Work units and resume. CIDD runs per class (seeded from (seed, class)), each
 class's result saved atomically to ``partial/cidd/<class>.pt``. Refinement
@@ -495,8 +497,10 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     log_lines = []
     final: Optional[torch.Tensor] = None
     masks: Optional[torch.Tensor] = None
+    refine_work = 0.0
     for b in range(len(batches)):
         unit = torch.load(refine_dir / f"{b:05d}.pt")
+        refine_work += float(unit.get("seconds", 0.0))
         if final is None:
             final = unit["images"].new_empty((nc * ipc, *unit["images"].shape[1:]))
             masks = torch.zeros(nc * ipc, 1, *unit["images"].shape[2:])
@@ -517,6 +521,7 @@ def distill(settings: DistillSettings, *, resume: bool = False, force: bool = Fa
     timings["total"] = time.perf_counter() - t0
     timings["resumed_units"] = resumed
     timings["resumed_iterations"] = resumed_iterations
+    timings["refine_work"] = refine_work
     storage.write_json(timings, out / "timings.json")
     storage.write_json(_config(p, "done", timings, started), out / "config.json")
     shutil.rmtree(out / "partial", ignore_errors=True)

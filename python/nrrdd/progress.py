@@ -115,7 +115,9 @@ def distill_progress(folder: Path) -> dict:
     cfg = _config(folder) or {}
     timings = cfg.get("timings") or {}
     if cfg.get("status") == "done" or (cfg.get("status") is None and (folder / "images.pt").is_file()):
-        return {"state": "done", "seconds": timings.get("total"), "method": cfg.get("method")}
+        resumed = bool(timings.get("resumed_units") or timings.get("resumed_iterations"))
+        return {"state": "done", "seconds": timings.get("total"), "method": cfg.get("method"),
+                "refine_work": timings.get("refine_work") if resumed else None}
     settings = cfg.get("settings") or {}
     nc, ipc = int(cfg.get("num_classes") or 0), int(cfg.get("ipc") or 0)
     batch = int(settings.get("batch_size") or 0)
@@ -298,7 +300,10 @@ def format_progress(p: dict, now: Optional[float] = None) -> str:
     lines = [f"{p['path']}  ({head}; {state})"]
     d = p["distill"]
     if d["state"] == "done":
-        lines.append("  distill   done" + (f" in {human_seconds(d['seconds'])}" if d["seconds"] is not None else ""))
+        text = "  distill   done" + (f" in {human_seconds(d['seconds'])}" if d["seconds"] is not None else "")
+        if d.get("refine_work") is not None:  # resumed: the last process's time, and the whole refinement
+            text += f" (resumed; refinement {human_seconds(d['refine_work'])} in all)"
+        lines.append(text)
     else:
         text = f"  distill   CIDD {d['cidd_done']}/{d['classes']} classes · NRR {d['batches_done']}/" \
                f"{d['batches'] if d['batches'] is not None else '?'} batches"

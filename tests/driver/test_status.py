@@ -11,7 +11,8 @@ import nrrdd.student as S
 from nrrdd import labels as L
 from nrrdd.cli import main
 from nrrdd.distill import DistillSettings, distill, refine_batches
-from nrrdd.progress import find_distilled, find_runs, format_progress, method_label, progress, teacher_progress
+from nrrdd.progress import (find_distilled, find_runs, format_progress, human_seconds, method_label, progress,
+                            teacher_progress)
 
 CLASSES, IPC, SIZE = 3, 2, 16
 
@@ -74,11 +75,14 @@ def test_interrupted_distill_reports_its_saved_state(toy, capsys):
     assert got["teacher_trainings"] == []
     (got,) = got["runs"]
     assert got["distill"]["in_flight"][0]["step"] == 2 and got["distill"]["batches_done"] == 1
-    # finished: the time the run recorded
+    # finished: the time the run recorded, and the whole refinement across both processes
     distill(_settings(toy, out, seed=seed), resume=True)
     d = progress(out)["distill"]
     cfg = json.loads((out / "config.json").read_text())
-    assert d["state"] == "done" and d["seconds"] == cfg["timings"]["total"]
+    t = cfg["timings"]
+    assert d["state"] == "done" and d["seconds"] == t["total"] and d["refine_work"] == t["refine_work"]
+    assert unit["seconds"] + state["seconds"] <= t["refine_work"] <= unit["seconds"] + state["seconds"] + t["refine"]
+    assert f"(resumed; refinement {human_seconds(t['refine_work'])} in all)" in format_progress(progress(out))
 
 
 def test_labels_and_students_under_way_report_their_epochs(toy, monkeypatch):
