@@ -445,7 +445,9 @@ def table(study: dict) -> str:
     out = [f"Protocol: {p['iterations']} refinement iterations, {p['epochs']} student epochs, mipc "
            f"{p['mipc']}, factor {p['factor']}, {p['seeds']} student seed(s); top-1 % on the full test "
            "set at the last epoch, mean ± std over student seeds, pooled over the distillations where a "
-           "row has several (population std, ddof 0, as numpy's np.std in the field's code).", "",
+           "row has several (population std, ddof 0, as numpy's np.std in the field's code). Seconds: "
+           "the run's stages; distill s of a run resumed across processes is its whole refinement's "
+           "time (timings.json's refine_work) when that is larger than the last process's.", "",
            "| IPC | method | " + " | ".join(labels) + " | DBR recover | distill s | relabel s | evaluate s |",
            "|---|---|" + "---|" * len(labels) + "---|---|---|---|"]
     for r in study["rows"].values():
@@ -455,8 +457,10 @@ def table(study: dict) -> str:
             cells.append("" if not c else _fmt_cell(c, p["seeds"]))
         rec = "" if r["recover_rate"] is None else f"{100 * r['recover_rate']:.0f}%"
         s = r["seconds"]
+        # a run resumed across processes: its last process's distill time, or the whole refinement if larger
+        distill_s = max(s.get("distill", 0), s.get("refine_work") or 0)
         out.append(f"| {r['ipc']} | {r['method']} | " + " | ".join(cells)
-                   + f" | {rec} | {s.get('distill', 0):.0f} | {s.get('relabel', 0):.0f} | {s.get('evaluate', 0):.0f} |")
+                   + f" | {rec} | {distill_s:.0f} | {s.get('relabel', 0):.0f} | {s.get('evaluate', 0):.0f} |")
     if study["orderings"]:
         out += ["", "| IPC | claim (soft labels) | difference | 2 std | verdict |", "|---|---|---|---|---|"]
         for o in study["orderings"]:

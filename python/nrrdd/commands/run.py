@@ -330,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         distill(settings, resume=args.resume, log=say)
     ds = load_distilled(dist)
     meter.stop("distill")
+    # the refinement of every batch, whichever process ran it (a resumed run's "distill" is its last process's)
+    timings["refine_work"] = float((ds.config.get("timings") or {}).get("refine_work") or 0.0)
     say(f"distilled: {len(ds)} images ({args.method}) in {timings['distill']:.0f}s -> {dist}")
 
     # 3. labels, 4. students
