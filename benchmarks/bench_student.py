@@ -43,7 +43,7 @@ MODES = {"fp32": (False, False), "channels_last": (True, False), "bf16": (False,
 PAPER_EPOCHS = 300
 
 
-def _sets(arch, size, channels, classes, ipc, seed=0):
+def _sets(size, channels, classes, ipc, seed=0):
     from nrrdd.data import TensorImageSet
     from nrrdd.distilled_set import DistilledSet
 
@@ -65,7 +65,7 @@ def measure(config: str, mode: str, ipc: int, epochs: int, repeats: int, device:
 
     arch, size, channels, classes = CONFIGS[config]
     channels_last, bf16 = MODES[mode]
-    ds, test = _sets(arch, size, channels, classes, ipc)
+    ds, test = _sets(size, channels, classes, ipc)
     augment = AugmentConfig(batch_size=100, min_scale=0.5)
 
     def run(n_epochs: int) -> float:

@@ -177,7 +177,9 @@ def teacher_progress(path: Path) -> dict:
     settings = state["settings"]
     epoch, epochs, secs = int(state["epoch"]), int(settings.get("epochs", 0)), float(state["seconds"])
     per_ep = _rate(secs, epoch)
-    return {"path": str(path), "checkpoint": str(path)[:-len(".partial")], "arch": settings["arch"],
+    from nrrdd.teacher import PARTIAL_SUFFIX
+
+    return {"path": str(path), "checkpoint": str(path)[:-len(PARTIAL_SUFFIX)], "arch": settings["arch"],
             "dataset": settings.get("dataset"), "epoch": epoch, "epochs": epochs, "seconds": secs,
             "seconds_per_epoch": per_ep, "saved_unix": path.stat().st_mtime,
             "seconds_left": None if per_ep is None else max(0, epochs - epoch) * per_ep}

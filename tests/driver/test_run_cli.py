@@ -46,6 +46,9 @@ def test_quick_preset_end_to_end(first_run, data):
     assert images.shape == (6, 1, SIZE, SIZE)
     assert run["label_bytes"] == {"dbr": 6 * 2 * 4, "onehot": 0}
     assert run["gpu_peak_GiB"] is None  # measured on CUDA only
+    timings = json.loads((out / "distilled" / "timings.json").read_text())
+    assert run["seconds"]["refine_work"] == timings["refine_work"] > 0  # 2 refinement iterations ran
+    assert timings["refine_work"] <= timings["refine"]  # one process: within its refine stage
     assert torch.equal(torch.load(out / "ddranking" / "images.pt"), images)
     assert torch.load(out / "ddranking" / "soft_labels.pt").shape == (6, 3)
     table = (out / "report.md").read_text()
