@@ -261,7 +261,8 @@ def plan(s: DistillSettings) -> _Plan:
     except RuntimeError as e:
         raise UsageError(f"teacher {s.teacher} cannot run on {ds.image_size} px images: {e}") from None
     run = {k: v for k, v in asdict(s).items() if k not in NOT_RUN_KEYS}
-    run.update(teacher=meta["path"], image_size=ds.image_size, fast=s.fast_on(device),
+    run.update(teacher=meta["path"], teacher_sha256=meta["sha256"], image_size=ds.image_size,
+               fast=s.fast_on(device),
                data_dir=None if s.data_dir is None else str(Path(s.data_dir).resolve()))
     return _Plan(s, ds, model.to(device), meta, device, run)
 
@@ -298,9 +299,16 @@ def _prepare_out(p: _Plan, resume: bool, force: bool) -> Optional[dict]:
     if old is None or old.get("format") != CONFIG_FORMAT:
         raise UsageError(f"{out} holds no nrrdd distill run to resume (no valid config.json); "
                          "pass --force to overwrite it")
-    if old.get("run") != p.run:
-        diff = sorted(k for k in set(old.get("run", {})) | set(p.run)
-                      if old.get("run", {}).get(k) != p.run.get(k))
+    old_run = dict(old.get("run") or {})
+    new_run = dict(p.run)
+    if "teacher_sha256" not in old_run:  # a run from before the fingerprint was kept
+        new_run.pop("teacher_sha256")
+    elif old_run["teacher_sha256"] != new_run["teacher_sha256"]:
+        raise UsageError(f"{out} was begun with other teacher weights than {p.meta['path']} holds now "
+                         "(retrained or replaced?): pass the teacher it was begun with, or --force "
+                         "to start over")
+    if old_run != new_run:
+        diff = sorted(k for k in set(old_run) | set(new_run) if old_run.get(k) != new_run.get(k))
         raise UsageError(f"{out} holds a different run (settings differ: {', '.join(diff)}); "
                          "pass --force to overwrite it")
     return old
@@ -329,6 +337,8 @@ def _versions() -> Dict[str, str]:
 
 def _config(p: _Plan, status: str, timings: Dict[str, float], started: float) -> dict:
     s, ds, meta = p.settings, p.dataset, p.meta
+    from nrrdd.teacher import teacher_record
+
     return {
         "format": CONFIG_FORMAT, "status": status, "run": p.run,
         "settings": {**asdict(s), "out": str(Path(s.out).resolve())},
@@ -337,8 +347,7 @@ def _config(p: _Plan, status: str, timings: Dict[str, float], started: float) ->
         "holdout_per_class": s.holdout_per_class,
         "in_channels": ds.in_channels, "image_size": ds.image_size, "factor": s.factor,
         "mean": list(ds.mean), "std": list(ds.std), "seed": s.seed,
-        "teacher": {"path": meta["path"], "arch": meta["arch"],
-                    "test_accuracy": meta.get("test_accuracy"), "num_classes": meta["num_classes"]},
+        "teacher": {**teacher_record(meta), "num_classes": meta["num_classes"]},
         "teacher_path": meta["path"], "refine": s.refine_config(p.device).as_dict(),
         "fast_path": p.fast_info if p.run.get("fast") else None,
         "versions": _versions(), "device": str(p.device), "command": sys.argv,

@@ -20,7 +20,6 @@ normalisation.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +59,7 @@ class DistilledSet:
 
     def fingerprint(self) -> str:
         """sha256 of the image and label tensors: which images a labels folder belongs to."""
-        return tensor_fingerprint(self.images, self.labels)
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        return storage.tensor_fingerprint(self.images, self.labels)
 
 
 def load_distilled(path: str | Path) -> DistilledSet:

@@ -97,7 +97,7 @@ def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teac
     """
     from tqdm import tqdm
 
-    from nrrdd.teacher import progress_enabled
+    from nrrdd.teacher import progress_enabled, same_teacher, teacher_record
 
     ds = distilled if isinstance(distilled, DistilledSet) else load_distilled(distilled)
     if mode not in L.MODES:
@@ -121,8 +121,7 @@ def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teac
         "num_images": N, "num_classes": num_classes, "images_sha256": fingerprint,
         "fields": [f.to_dict() for f in flds], "layout": "epoch_<e>.bin: each field (num_images, width) "
         "little-endian row-major, fields in order; row i = image i",
-        "teacher": {"path": teacher_meta.get("path"), "arch": teacher_meta.get("arch"),
-                    "test_accuracy": teacher_meta.get("test_accuracy")},
+        "teacher": teacher_record(teacher_meta),
     }
     store = L.LabelStore(ds.path, mode)
 
@@ -134,7 +133,7 @@ def relabel(distilled: str | Path | DistilledSet, teacher_model: nn.Module, teac
                 raise UsageError(f"{store.path} already holds labels: --resume to continue, --force to redo")
             same = {k: old.get(k) for k in settings if k != "teacher"} == \
                    {k: v for k, v in settings.items() if k != "teacher"}
-            if not same or (old.get("teacher") or {}).get("path") != settings["teacher"]["path"]:
+            if not same or not same_teacher(old.get("teacher"), teacher_meta):
                 raise UsageError(f"{store.path} was made with other settings (seed, epochs, batch size, "
                                  f"augmentation, teacher or images): use --force to redo it")
             if flds:

@@ -1,10 +1,13 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename.
+"""Atomic file writes (a temp file in the same folder, fsync, then rename) and what
+``--resume`` checks before it trusts a saved state.
 
 A run that is killed mid-write leaves either the old file or the new one, never
-a torn file, so ``--resume`` can trust whatever it finds.
+a torn file, so ``--resume`` can trust whatever it finds; ``tensor_fingerprint``
+names the content (images, a teacher's weights) that a saved state was made from.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -51,6 +54,18 @@ def append_jsonl(record: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def tensor_fingerprint(*tensors) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes, in order."""
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
+    return h.hexdigest()
 
 
 def settings_diff(old: Optional[dict], new: dict) -> str:

@@ -318,9 +318,12 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
              device: torch.device | str = "cpu", resume: bool = False, quiet: bool = False,
              lr: float = LR, weight_decay: float = WEIGHT_DECAY, checkpoint_every_s: float = 60.0,
              extra: Optional[dict] = None, default_augment: Optional[AugmentConfig] = None,
-             channels_last: bool = False, bf16: bool = False,
+             channels_last: bool = False, bf16: bool = False, teacher_sha256: Optional[str] = None,
              log: Callable[[str], None] = print) -> dict:
     """Train ``seeds`` students (init seeds 0..seeds-1), write and return ``DIR/eval_*.json``.
+
+    The teacher behind the targets (``teacher_sha256`` for ``online``, else the label
+    manifest's) is part of the students' resume settings and of the json.
 
     Per-seed checkpoints and results live in ``DIR/.<eval name>/`` until the json is
     written; ``resume`` continues from them, otherwise they are discarded.
@@ -335,6 +338,7 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
                            protocol=protocol, bf16=bf16)
     name = eval_name(mode, arch, online, split, variant)
     work = ds.path / f".{name}"
+    labelled_by = teacher_sha256 if online else ((label_manifest or {}).get("teacher") or {}).get("sha256")
     if not resume and work.exists() and D.is_main():
         shutil.rmtree(work)
     D.barrier()
@@ -342,6 +346,7 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
                 "augment": augment.to_dict(), "replay_seed": replay_seed, "temperature": temperature,
                 "lr": lr, "weight_decay": weight_decay, "images_sha256": ds.fingerprint(),
                 **({"dbr_r": dbr_r} if mode == "dbr" else {}),
+                **({"teacher_sha256": labelled_by} if labelled_by else {}),
                 # only when set: checkpoints of earlier versions (without the keys) still resume
                 **({"channels_last": True} if channels_last else {}), **({"bf16": True} if bf16 else {})}
     start = time.perf_counter()
@@ -386,6 +391,7 @@ def evaluate(ds: DistilledSet, *, arch: str, mode: str, test_set, epochs: int, s
         "dbr_r": dbr_r if mode == "dbr" else None, "variant": variant, "eval_split": split, "dbr_alpha": DBR_ALPHA if mode == "dbr" else None,
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": weight_decay, "schedule": "cosine"},
         "num_images": len(ds), "num_classes": num_classes,
+        "teacher_sha256": labelled_by,
         "method": ds.config.get("method"), "ipc": ds.config.get("ipc"),
         "dataset": ds.config.get("dataset"), "distilled": str(ds.path),
         "precision": "bf16" if bf16 else "fp32", "channels_last": channels_last,

@@ -26,7 +26,11 @@ epoch (``nrrdd train-teacher`` keeps it in ``OUT.partial`` until the checkpoint
 is written, and ``--resume`` continues from it).
 
 The checkpoint (``save_teacher``) is a dict of plain values and the state dict,
-so it loads with ``torch.load(weights_only=True)``.
+so it loads with ``torch.load(weights_only=True)``. ``load_teacher`` adds
+``meta['sha256']``, the fingerprint of the loaded weights and buffers: distilled
+sets, label folders and students record it (``teacher_record``), and ``--resume``
+refuses to continue work begun under other weights, e.g. a teacher retrained or
+replaced at the same path.
 """
 from __future__ import annotations
 
@@ -282,4 +286,27 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu", *,
                          f"{meta['num_classes']} classes: {first[1].strip() if len(first) > 1 else first[0]}"
                          ) from None
     meta["path"] = str(path.resolve())
+    meta["sha256"] = weights_sha256(model)
     return model.to(device).eval(), meta
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Fingerprint of a model's state dict (parameters and buffers, by name order)."""
+    state = model.state_dict()
+    return storage.tensor_fingerprint(*(state[k] for k in sorted(state)))
+
+
+def teacher_record(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The teacher as a config, manifest or run.json records it."""
+    return {"path": meta.get("path"), "arch": meta.get("arch"), "test_accuracy": meta.get("test_accuracy"),
+            "sha256": meta.get("sha256")}
+
+
+def same_teacher(recorded: Optional[Dict[str, Any]], meta: Dict[str, Any]) -> bool:
+    """Whether ``meta``'s teacher is the one ``recorded`` (a ``teacher_record``) names: the
+    same weights where the record has their fingerprint, else (records made before it
+    was kept) the same path."""
+    recorded = recorded or {}
+    if recorded.get("sha256"):
+        return recorded["sha256"] == meta.get("sha256")
+    return recorded.get("path") == meta.get("path")

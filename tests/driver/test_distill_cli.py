@@ -291,3 +291,65 @@ def test_crop_scale_cli_default_is_the_library_default():
     for command, argv in (("distill", ["--dataset", "x", "--teacher", "t", "--ipc", "1", "--out", "o"]),
                           ("run", ["--dataset", "x"])):
         assert tuple(build_parser(command).parse_args([command, *argv]).crop_scale) == CROP_SCALE
+
+
+def _weights_sha256_by_hand(path) -> str:
+    """sha256 over the checkpoint's state dict in name order: dtype, shape, then bytes."""
+    import hashlib
+
+    state = torch.load(path, weights_only=True)["state_dict"]
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_resume_refuses_other_teacher_weights_at_the_same_path(folder_dir, teacher_path, full_run, tmp_path):
+    """A teacher retrained or replaced at the same path must not finish a run begun under
+    the old weights: config.json records the weights' sha256, and --resume compares it."""
+    import shutil
+
+    from nrrdd_tiny import make_teacher
+
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(teacher_path, teacher)
+    out = tmp_path / "run"
+
+    def stop_at_refine(stage, i):
+        if stage == "refine":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_settings(folder_dir, teacher, out), on_unit=stop_at_refine)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["teacher"]["sha256"] == cfg["run"]["teacher_sha256"] == _weights_sha256_by_hand(teacher)
+    make_teacher(teacher, image_size=TINY, seed=1 + np.random.randint(1000))  # other weights, same path
+    assert _weights_sha256_by_hand(teacher) != cfg["run"]["teacher_sha256"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(Exception, match="other teacher weights"):
+        distill(_settings(folder_dir, teacher, out), resume=True)
+    assert main(_args(folder_dir, teacher, out, "--resume")) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # untouched
+    # the weights it was begun with: it resumes, to the uninterrupted run's images
+    shutil.copy(teacher_path, teacher)
+    assert main(_args(folder_dir, teacher, out, "--resume")) == 0
+    assert torch.equal(torch.load(out / "images.pt"), torch.load(full_run / "images.pt"))
+
+
+def test_run_begun_before_the_teacher_fingerprint_still_resumes(folder_dir, teacher_path, full_run, tmp_path):
+    """config.json of an older version has no teacher_sha256: the path alone is compared."""
+    out = tmp_path / "run"
+
+    def stop_at_refine(stage, i):
+        if stage == "refine":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_settings(folder_dir, teacher_path, out), on_unit=stop_at_refine)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["run"]["teacher_sha256"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(_args(folder_dir, teacher_path, out, "--resume")) == 0
+    assert torch.equal(torch.load(out / "images.pt"), torch.load(full_run / "images.pt"))

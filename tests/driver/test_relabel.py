@@ -170,3 +170,25 @@ def test_relabel_command_reads_the_teacher_from_config(setup, capsys):
     assert _relabel(dist, "dbr", 2, 0) == 0
     out = capsys.readouterr().out
     assert "dbr labels for 15 images x 2 epochs: 120 bytes (4 per image per epoch" in out
+
+
+def test_resume_refuses_labels_of_other_teacher_weights(setup, capsys):
+    """A teacher retrained at the same path: --resume refuses to add its labels to the old
+    teacher's (the manifest records the weights' sha256); the old weights resume."""
+    import shutil
+
+    dist, seed = setup / "dist", fresh_seed()
+    shutil.copy(setup / "teacher.pt", setup / "teacher_orig.pt")
+    assert _relabel(dist, "soft", 2, seed) == 0
+    m = json.loads((dist / "labels_soft" / "manifest.json").read_text())
+    assert m["teacher"]["sha256"] == load_teacher(setup / "teacher.pt")[1]["sha256"]
+    shards = {p.name: p.read_bytes() for p in (dist / "labels_soft").glob("epoch_*.bin")}
+    make_teacher(setup / "teacher.pt", CLASSES, 1, SIZE, seed=seed + 1)  # other weights, same path
+    assert load_teacher(setup / "teacher.pt")[1]["sha256"] != m["teacher"]["sha256"]
+    capsys.readouterr()
+    assert _relabel(dist, "soft", 2, seed, "--resume") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (dist / "labels_soft").glob("epoch_*.bin")} == shards
+    shutil.copy(setup / "teacher_orig.pt", setup / "teacher.pt")
+    assert _relabel(dist, "soft", 2, seed, "--resume") == 0
+    assert {p.name: p.read_bytes() for p in (dist / "labels_soft").glob("epoch_*.bin")} == shards

@@ -8,6 +8,7 @@ import torch
 
 from nrrdd.cli import main
 from nrrdd.data import DEBIAN_FASHION_MNIST, load_split, normalize
+from nrrdd.teacher import load_teacher
 from nrrdd_toy import fresh_seed, make_imagefolder, make_teacher
 
 SIZE = 16
@@ -281,6 +282,11 @@ def test_images_from_labels_another_runs_set_with_this_teacher(first_run, data, 
     run = json.loads((out / "run.json").read_text())
     assert run["images_from"] == str(src.resolve()) and run["method"] == "nrr"
     assert run["teacher"]["path"] == str(other.resolve())
+    # the images' teacher and the labels' teacher, told apart by their weights
+    other_sha = load_teacher(other)[1]["sha256"]
+    manifest = json.loads((d / "labels_soft" / "manifest.json").read_text())
+    assert run["teacher"]["sha256"] == manifest["teacher"]["sha256"] == other_sha
+    assert cfg["teacher"]["sha256"] == load_teacher(first_run[1] / "teacher.pt")[1]["sha256"] != other_sha
     assert (run["settings"]["ipc"], run["settings"]["factor"], run["settings"]["iterations"]) == (2, 1, 0)
     ev = json.loads((d / "eval_soft_convnet3.json").read_text())
     assert run["top1"]["soft"] == ev["top1"] and abs(ev["top1"][0] * 15 / 100 - round(ev["top1"][0] * 15 / 100)) < 1e-9
@@ -323,7 +329,6 @@ def test_a_teacher_with_other_normalisation_is_refused(first_run):
     from nrrdd.distilled_set import load_distilled
     from nrrdd.errors import UsageError
     from nrrdd.relabel import check_teacher_fits
-    from nrrdd.teacher import load_teacher
 
     ds = load_distilled(first_run[1] / "distilled")
     _, meta = load_teacher(first_run[1] / "teacher.pt", "cpu")

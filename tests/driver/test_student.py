@@ -16,6 +16,7 @@ from nrrdd.data import load_split
 from nrrdd.distilled_set import load_distilled
 from nrrdd.errors import UsageError
 from nrrdd.student import StoredLabels, student_loss, train_student
+from nrrdd.teacher import load_teacher
 from nrrdd_toy import fresh_seed, make_distilled, make_imagefolder, make_teacher
 
 CLASSES, IPC, SIZE = 3, 4, 16
@@ -129,6 +130,9 @@ def test_eval_json_and_online_equals_stored(setup):
     o = json.loads((dist / f"eval_dbr-online-e2-s{seed}-b5_convnet3.json").read_text())
     assert o["online"] and o["label_bytes"] == 0
     assert o["top1"] == e["top1"] and o["final_train_loss"] == e["final_train_loss"]
+    # both name the teacher behind their targets by its weights' fingerprint
+    assert e["teacher_sha256"] == o["teacher_sha256"] == m["teacher"]["sha256"]
+    assert m["teacher"]["sha256"] == load_teacher(setup / "teacher.pt")[1]["sha256"]
 
 
 def test_eval_at_other_student_settings_keeps_the_default_evaluation(setup, capsys):

@@ -129,11 +129,13 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
             raise UsageError(f"compact labels were stored at temperature {manifest['temperature']}")
         temperature = float(manifest["temperature"])
 
+    teacher_sha256 = None
     if args.online:
         model, meta = load_teacher(resolve_teacher_path(ds, args.teacher), device)
         check_teacher_fits(meta, ds)
         num_classes = int(meta["num_classes"])
         targets = OnlineLabels(model, args.labels, temperature)
+        teacher_sha256 = meta["sha256"]
     elif manifest is not None and args.labels != "onehot":
         targets = StoredLabels(store, manifest, device)
     else:
@@ -173,7 +175,7 @@ def prepare(args: argparse.Namespace, extra: dict | None = None):
                         resume=args.resume, quiet=args.quiet, lr=args.lr,
                         weight_decay=args.weight_decay, extra=extra,
                         default_augment=default_augment(ds) if manifest is None else None,
-                        channels_last=args.channels_last, bf16=args.bf16,
+                        channels_last=args.channels_last, bf16=args.bf16, teacher_sha256=teacher_sha256,
                         log=(lambda s: None) if args.quiet or not D.is_main() else print)
     return go
 

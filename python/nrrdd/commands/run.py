@@ -131,6 +131,7 @@ def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data
     from nrrdd.augment import generator
     from nrrdd.data import normalize
     from nrrdd.distilled_set import save_distilled
+    from nrrdd.teacher import teacher_record
 
     g = generator(seed, 11)
     counts = train.class_counts()
@@ -145,8 +146,7 @@ def _random_real(train, ipc: int, seed: int, out: Path, teacher_meta: dict, data
               "num_classes": train.num_classes, "classes": train.classes, "mean": list(mean),
               "holdout_per_class": holdout_per_class,
               "std": list(std), "seed": seed, "factor": factor, "source_indices": idx.tolist(),
-              "teacher": {"path": teacher_meta["path"], "arch": teacher_meta["arch"],
-                          "test_accuracy": teacher_meta.get("test_accuracy")}}
+              "teacher": teacher_record(teacher_meta)}
     save_distilled(out, images, train.labels[idx], config)
 
 
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     from nrrdd.models import known_arch
     from nrrdd.relabel import default_augment, relabel
     from nrrdd.report import report
-    from nrrdd.teacher import load_teacher, partial_path, save_teacher, train_teacher
+    from nrrdd.teacher import load_teacher, partial_path, save_teacher, teacher_record, train_teacher
 
     P = dict(PRESETS[args.preset])
     source = _images_source(args, P) if args.images_from is not None else None
@@ -365,8 +365,8 @@ def run(args: argparse.Namespace) -> int:
     storage.write_json({
         "dataset": args.dataset, "preset": args.preset, "method": args.method, "settings": P,
         "seed": args.seed, "student": student, "device": str(device), "online": args.online,
-        "teacher": {"path": str(teacher_path.resolve()), "arch": meta["arch"], "test_accuracy": acc,
-                    "train_images": meta.get("train_images"), "test_images": meta.get("test_images")},
+        "teacher": {**teacher_record(meta), "train_images": meta.get("train_images"),
+                    "test_images": meta.get("test_images")},
         "top1": {m: r["top1"] for m, r in results.items()},
         "top1_mean": {m: r["top1_mean"] for m, r in results.items()},
         "top1_std": {m: r["top1_std"] for m, r in results.items()},
