@@ -306,6 +306,17 @@ def _weights_sha256_by_hand(path) -> str:
     return h.hexdigest()
 
 
+def _interrupted_at_refinement(data, teacher, out):
+    """A distill run stopped as its first refinement batch finished."""
+    def stop(stage, i):
+        if stage == "refine":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_settings(data, teacher, out), on_unit=stop)
+    return out
+
+
 def test_resume_refuses_other_teacher_weights_at_the_same_path(folder_dir, teacher_path, full_run, tmp_path):
     """A teacher retrained or replaced at the same path must not finish a run begun under
     the old weights: config.json records the weights' sha256, and --resume compares it."""
@@ -315,14 +326,7 @@ def test_resume_refuses_other_teacher_weights_at_the_same_path(folder_dir, teach
 
     teacher = tmp_path / "teacher.pt"
     shutil.copy(teacher_path, teacher)
-    out = tmp_path / "run"
-
-    def stop_at_refine(stage, i):
-        if stage == "refine":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        distill(_settings(folder_dir, teacher, out), on_unit=stop_at_refine)
+    out = _interrupted_at_refinement(folder_dir, teacher, tmp_path / "run")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["teacher"]["sha256"] == cfg["run"]["teacher_sha256"] == _weights_sha256_by_hand(teacher)
     make_teacher(teacher, image_size=TINY, seed=1 + np.random.randint(1000))  # other weights, same path
@@ -340,14 +344,7 @@ def test_resume_refuses_other_teacher_weights_at_the_same_path(folder_dir, teach
 
 def test_run_begun_before_the_teacher_fingerprint_still_resumes(folder_dir, teacher_path, full_run, tmp_path):
     """config.json of an older version has no teacher_sha256: the path alone is compared."""
-    out = tmp_path / "run"
-
-    def stop_at_refine(stage, i):
-        if stage == "refine":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        distill(_settings(folder_dir, teacher_path, out), on_unit=stop_at_refine)
+    out = _interrupted_at_refinement(folder_dir, teacher_path, tmp_path / "run")
     cfg = json.loads((out / "config.json").read_text())
     del cfg["run"]["teacher_sha256"]
     (out / "config.json").write_text(json.dumps(cfg))
