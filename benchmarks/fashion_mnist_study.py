@@ -42,6 +42,10 @@ Optional parts:
   ``--teacher`` (``OUT/swap-<method>-images-cross/``), ConvNet-3 students, soft labels;
   with the two sets' own rows this is the 2×2 of who chose the images against who
   labels them;
+- ``--method nrr@cam_eps=0.3``: a method at one setting of those the sweeps take
+  (``METHOD@NAME=VALUE``), scored on the test set like any row, into
+  ``OUT/ipc<N>-nrr-cam_eps0.3/``: how the holdout's choice is measured on the test set
+  (its row sits under the method's own);
 - ``--record docs/results/fashion_mnist_students.csv``: merge every distillation's
   students (per label mode) into the committed record (``results_record.py``), which
   outlives the run folders.
@@ -87,10 +91,32 @@ NO_LABEL_REFINE = ("random", "rded", "cidd", "nrr-nolr", "sre2l-nolr")
 ORDERINGS = (("nrr", "cidd"), ("cidd", "rded"), ("cidd", "random"))
 
 
+def split_method(spec: str) -> tuple:
+    """``nrr@cam_eps=0.3`` -> ("nrr", ("cam_eps", "0.3")); ``nrr`` -> ("nrr", None).
+    Raises ValueError naming what is wrong."""
+    base, at, setting = spec.partition("@")
+    if base not in METHODS + tuple(EXTRA_METHODS):
+        raise ValueError(f"unknown method {base!r} (choose from {', '.join(METHODS + tuple(EXTRA_METHODS))})")
+    if not at:
+        return base, None
+    name, eq, value = setting.partition("=")
+    if name not in SWEEP_FLAGS or not eq:
+        raise ValueError(f"{spec!r}: the setting after @ is NAME=VALUE with NAME one of {', '.join(SWEEP_FLAGS)}")
+    try:
+        ok = float(value) >= 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{spec!r}: {value!r} is not a non-negative number")
+    return base, (name, value)
+
+
 def run_dir(out: Path, ipc: int, method: str, seed: int = 0) -> Path:
     """The run of one distillation; seed 0 has no suffix, so a study that later adds
-    distillation seeds reuses its first runs."""
-    return out / (f"ipc{ipc}-{method}" if seed == 0 else f"ipc{ipc}-{method}-seed{seed}")
+    distillation seeds reuses its first runs. ``nrr@cam_eps=0.3`` runs in ``ipc<N>-nrr-cam_eps0.3``."""
+    base, setting = split_method(method)
+    name = base if setting is None else f"{base}-{setting[0]}{setting[1]}"
+    return out / (f"ipc{ipc}-{name}" if seed == 0 else f"ipc{ipc}-{name}-seed{seed}")
 
 
 def distillations(out: Path, ipc: int, method: str) -> list:
@@ -106,6 +132,11 @@ def distillations(out: Path, ipc: int, method: str) -> list:
 def command(args, ipc: int, method: str, out: Path | None = None, labels=None, extra=(),
             teacher=None, factor=None, seed: int = 0) -> list:
     out = out or run_dir(args.out, ipc, method, seed)
+    method, setting = split_method(method)
+    if setting is not None:
+        name, value = setting
+        extra = [*SWEEP_FLAGS[name](value), *extra]
+        factor = value if name == "factor" else factor
     method, more = EXTRA_METHODS.get(method, (method, []))
     extra = [*more, *extra]
     # --preset paper: the paper's protocol is the base, and run.json records it as such
@@ -312,7 +343,11 @@ def _cells(args, previous: dict | None) -> list:
     if previous:
         cells |= {(r["ipc"], r["method"]) for r in previous["rows"].values()}
     order = list(METHODS) + list(EXTRA_METHODS)
-    return sorted(cells, key=lambda c: (c[0], order.index(c[1]) if c[1] in order else len(order), c[1]))
+
+    def key(c):  # a method at a setting sits under the method itself
+        base = split_method(c[1])[0]
+        return c[0], order.index(base) if base in order else len(order), c[1] != base, c[1]
+    return sorted(cells, key=key)
 
 
 def collect(args, previous: dict | None = None) -> dict:
@@ -575,9 +610,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--ipc", type=int, action="append", help="repeatable (default 1, 10, 50)")
-    p.add_argument("--method", dest="methods", action="append", choices=METHODS + tuple(EXTRA_METHODS),
-                   help="repeatable (default: the five of the paper's ablation; nrr-nolr adds nrr "
-                        "without L_lr)")
+    p.add_argument("--method", dest="methods", action="append", metavar="METHOD[@NAME=VALUE]",
+                   help=f"repeatable: {', '.join(METHODS + tuple(EXTRA_METHODS))} (default: the five of the "
+                        "paper's ablation; nrr-nolr adds nrr without L_lr), or one of them at a setting the "
+                        "sweeps take, scored on the test set (nrr@cam_eps=0.3)")
     p.add_argument("--labels", default=",".join(LABELS), help="comma-separated label modes")
     p.add_argument("--seeds", type=int, default=3, help="students per label mode and distillation")
     p.add_argument("--distill-seeds", type=int, default=1,
@@ -626,6 +662,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.ipc = args.ipc or [1, 10, 50]
     args.methods = args.methods or list(METHODS)
+    for m in args.methods:
+        try:
+            split_method(m)
+        except ValueError as e:
+            p.error(f"--method: {e}")
     args.labels = [m for m in args.labels.split(",") if m]
     args.sweep_labels = [m for m in args.sweep_labels.split(",") if m]
     if args.distill_seeds < 1:

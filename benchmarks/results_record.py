@@ -5,7 +5,8 @@ are lost with the machine; ``docs/results/fashion_mnist_students.csv`` keeps wha
 tables and figures of docs/RESULTS.md are made of, so they can be checked and redrawn.
 Columns:
 
-- ``ipc``, ``method`` (the study's method names: nrr-nolr, sre2l-nolr included),
+- ``ipc``, ``method`` (the study's method names: nrr-nolr, sre2l-nolr and settings such as
+  ``nrr@cam_eps=0.3`` included),
   ``labels`` (soft, onehot, compact, dbr), ``distillation`` (the ``nrrdd run --seed``);
 - ``students``, ``mean``, ``std``: the top-1 (%) of the set's students at their last epoch
   on the full test set, population std (ddof 0);
@@ -94,7 +95,10 @@ def from_values(ipc: int, method: str, labels: str, distillation: int, values, m
 
 
 def _method_key(method: str):
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)), method
+    """The paper's order, then the extra methods; a method at a setting (``nrr@cam_eps=0.3``,
+    the study's test-set cell of a swept value) under its method."""
+    base = method.partition("@")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)), method != base, method
 
 
 def _sort_key(row: dict):

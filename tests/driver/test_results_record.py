@@ -49,6 +49,11 @@ def test_merge_replaces_its_key_and_keeps_the_rest(tmp_path):
     assert len(rows) == 2 and rows[0]["top1"] == a2["top1"] and rows[0]["measured"] == "2026-11-30"
     assert rows[1]["top1"] == b["top1"] and rows[1]["mean"] == pytest.approx(b["mean"], abs=0.005)
     assert not f.with_name(f.name + ".tmp").exists()
+    # rows are written in the paper's order, a method at a setting under its method
+    more = [rr.from_values(10, m, "soft", 0, _students(g, 2), "2026-11-30", T)
+            for m in ("nrr@cam_eps=0.3", "sre2l-nolr", "nrr", "random")]
+    rr.merge(f, more)
+    assert [r["method"] for r in rr.read(f)] == ["random", "cidd", "cidd", "nrr", "nrr@cam_eps=0.3", "sre2l-nolr"]
 
 
 def test_another_teachers_rows_are_refused(tmp_path):

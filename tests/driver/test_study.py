@@ -450,3 +450,30 @@ def test_record_holds_every_distillation_and_keeps_other_rows(done, tmp_path, ca
     text = alien.read_text()
     assert study.main(args[:-1] + [str(alien)]) == 2
     assert alien.read_text() == text and "one teacher's students" in capsys.readouterr().err
+
+
+def test_a_method_at_a_setting_is_a_test_set_row(done, idx_dir, capsys):
+    """--method cidd@crop_min=0.5: the holdout's choice measured on the test set, in
+    ipc1-cidd-crop_min0.5/, its row under cidd's; a malformed setting is refused."""
+    rc, out = done
+    teacher = out.parent / "teacher.pt"
+    base = ["--teacher", str(teacher), "--out", str(out), "--data-dir", str(idx_dir), "--ipc", "1",
+            "--labels", "soft", "--seeds", "2", "--epochs", "1", "--iterations", "1", "--mipc", "2",
+            "--factor", "1", "--device", "cpu"]
+    assert study.main([*base, "--method", "cidd@crop_min=0.5"]) == 0
+    run = json.loads((out / "ipc1-cidd-crop_min0.5" / "run.json").read_text())
+    assert run["crop_scale"] == [0.5, 1.0] and run["eval_split"] == "test" and run["method"] == "cidd"
+    data = json.loads((out / "study.json").read_text())
+    row = data["rows"]["1/cidd@crop_min=0.5"]
+    assert row["top1"]["soft"]["values"] == run["top1"]["soft"] and row["top1"]["soft"]["n"] == 2
+    assert "--crop-scale 0.5 1" in row["command"] and "ipc1-cidd-crop_min0.5" in row["command"]
+    import argparse
+
+    cells = study._cells(argparse.Namespace(ipc=[1], methods=["nrr@cam_eps=0.3", "sre2l-nolr", "nrr", "random"]),
+                         None)
+    assert [m for _, m in cells] == ["random", "nrr", "nrr@cam_eps=0.3", "sre2l-nolr"]  # under its method
+    assert "| 1 | cidd@crop_min=0.5 |" in (out / "study.md").read_text()
+    for bad in ("cidd@crop=0.5", "cidd@crop_min=-1", "cidd@crop_min", "nope@cam_eps=0.3"):
+        with pytest.raises(SystemExit):
+            study.main([*base, "--method", bad])
+        assert "--method" in capsys.readouterr().err
